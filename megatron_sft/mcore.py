@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 import types
+import warnings
 
 _STUBBED_MODULE = "megatron.core.transformer.moe.ops.paged_stash"
 
@@ -31,6 +32,10 @@ def _install_triton_stub() -> None:
 
 _install_triton_stub()
 
-import megatron.core  # noqa: E402  (must follow the stub)
+with warnings.catch_warnings():
+    # Without TE/Apex, Megatron-Core warns four times that it falls back to torch kernels; the
+    # attention backend choice (model/spec.py) is where that matters and is logged.
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+    import megatron.core  # noqa: E402  (must follow the stub)
 
 MCORE_VERSION = getattr(megatron.core, "__version__", "unknown")
