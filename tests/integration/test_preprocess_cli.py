@@ -1,0 +1,47 @@
+"""tools/preprocess_data.py as a user runs it: exit codes, messages, files (subprocesses)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from megatron_sft.data.indexed import output_paths
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = REPO_ROOT / "tools" / "preprocess_data.py"
+
+GOOD = {"messages": [{"role": "user", "content": "What is the capital of France?"},
+                     {"role": "assistant", "content": "The capital of France is Paris."}]}
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True,
+                          cwd=REPO_ROOT, timeout=300)
+
+
+def test_cli_skip_fail_and_bad_flags(tmp_path, tiny_tokenizer_dir):
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join([json.dumps(GOOD), "{not json", json.dumps(GOOD)]) + "\n")
+    prefix = tmp_path / "out" / "sft"
+    common = ["--input", data, "--tokenizer", tiny_tokenizer_dir, "--output-prefix", prefix, "--seq-length", 128, "--no-progress"]
+
+    failed = _run(*common)  # --on-error fail is the default
+    assert failed.returncode == 1, failed.stderr
+    assert f"error: {data}:2: invalid_json: " in failed.stderr
+    assert "Traceback" not in failed.stderr
+    assert not any(os.path.exists(p) for p in output_paths(prefix))
+
+    skipped = _run(*common, "--on-error", "skip", "--workers", 2)
+    assert skipped.returncode == 0, skipped.stderr
+    assert "records: 3 read, 3 used after mixing, 2 kept, 1 dropped, 0 truncated" in skipped.stdout
+    assert f"dropped invalid_json: 1 (e.g. {data}:2:" in skipped.stdout
+    assert all(os.path.exists(p) for p in output_paths(prefix))
+    report = json.loads(Path(f"{prefix}.report.json").read_text())
+    assert report["conversations"] == 2 and report["packs"] == 1 and report["workers"] == 2
+
+    bad_flags = _run(*common, "--mixture-ratios", "1.0,2.0", "--workers", 0)
+    assert bad_flags.returncode == 2
+    assert "--mixture-ratios has 2 values for 1 inputs" in bad_flags.stderr and "--workers must be >= 1" in bad_flags.stderr

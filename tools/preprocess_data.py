@@ -1,0 +1,94 @@
+#!/usr/bin/env python
+"""Chat data -> verified loss masks -> packed Megatron indexed files.
+
+    python tools/preprocess_data.py --input data.jsonl --tokenizer PATH_OR_HF_NAME \
+        --output-prefix out/sft --seq-length 16384 --workers 8 --on-error skip
+
+Writes PREFIX_{tokens,loss_mask,provenance}.{bin,idx}, PREFIX.meta.json and PREFIX.report.json
+(see megatron_sft/data/compiler.py). Exit code 0 on success, 1 when the run stopped (bad record
+under --on-error fail, no chat template, nothing kept), 2 for invalid flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_sft.data.compiler import CompileConfig, CompileError, compile_dataset, format_summary  # noqa: E402
+from megatron_sft.data.formats import FormatKeys  # noqa: E402
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--input", required=True, help="input file(s), comma-separated; .jsonl/.json/.parquet/HF folder")
+    p.add_argument("--tokenizer", required=True, help="tokenizer folder or Hugging Face name")
+    p.add_argument("--output-prefix", required=True, help="output path prefix")
+    p.add_argument("--seq-length", type=int, required=True, help="pack capacity in real tokens")
+    p.add_argument("--chat-template", help="Jinja chat template file replacing the tokenizer's")
+    p.add_argument("--mode", default="assistant", choices=["assistant", "all", "last_assistant"], help="supervised turns")
+    p.add_argument("--workers", type=int, default=1, help="encoding processes (output identical for any value)")
+    p.add_argument("--on-error", default="fail", choices=["fail", "skip"], help="stop at the first bad record, or count and skip")
+    p.add_argument("--overlength", default="drop", choices=["drop", "truncate"], help="conversations longer than --seq-length")
+    p.add_argument("--mixture-ratios", type=_floats, help="one ratio per input, e.g. 1.0,0.5")
+    p.add_argument("--pseudo-multiturn-prob", type=float, default=0.0, help="chance a single-turn conversation joins the previous one")
+    p.add_argument("--pseudo-multiturn-max-turns", type=int, default=1, help="most single-turn conversations merged into one")
+    p.add_argument("--seed", type=int, default=1234, help="seed of sampling, merging, packing and pack order")
+    p.add_argument("--messages-key", default="messages", help="record key of OpenAI-style messages")
+    p.add_argument("--conversations-key", default="conversations", help="record key of ShareGPT-style conversations")
+    p.add_argument("--tools-key", default="tools", help="record key of the tool schemas")
+    p.add_argument("--limit", type=int, help="read only the first N records")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    return p.parse_args(argv)
+
+
+def config_from_args(args: argparse.Namespace) -> CompileConfig:
+    return CompileConfig(
+        inputs=[p for p in args.input.split(",") if p],
+        tokenizer=args.tokenizer,
+        output_prefix=args.output_prefix,
+        seq_length=args.seq_length,
+        chat_template=args.chat_template,
+        mode=args.mode,
+        workers=args.workers,
+        on_error=args.on_error,
+        overlength=args.overlength,
+        mixture_ratios=args.mixture_ratios,
+        pseudo_multiturn_prob=args.pseudo_multiturn_prob,
+        pseudo_multiturn_max_turns=args.pseudo_multiturn_max_turns,
+        seed=args.seed,
+        format_keys=FormatKeys(messages=args.messages_key, conversations=args.conversations_key, tools=args.tools_key),
+        limit=args.limit,
+        progress=not args.no_progress,
+    )
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    # Megatron-Core warns on import about optional CUDA packages the preprocessing never uses.
+    warnings.filterwarnings("ignore", category=UserWarning, module="megatron")
+    try:
+        report = compile_dataset(config_from_args(args))
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except CompileError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(format_summary(report))
+    print(f"wrote {args.output_prefix}_{{tokens,loss_mask,provenance}}.{{bin,idx}}, .meta.json, .report.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
