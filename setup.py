@@ -24,6 +24,7 @@ setup(
         "safetensors>=0.4",
         "einops>=0.8",
         "packaging",
+        "psutil",  # Megatron-Core's checkpoint writer imports it without declaring it
     ],
     extras_require={
         "te": ["transformer-engine[pytorch]>=2.8"],

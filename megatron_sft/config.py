@@ -7,8 +7,16 @@ own ``TransformerConfig`` is never re-declared here: it is built by one pure fun
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import difflib
+import inspect
+import textwrap
+import typing
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Dict, List, Literal, Optional, Sequence, Tuple, Union
+
+import yaml
 
 
 @dataclass
@@ -82,3 +90,540 @@ class ParallelConfig:
     """Shard activations outside attention/MLP across TP ranks (needs TP > 1)."""
     use_distributed_optimizer: bool = False
     """Shard optimizer state across data-parallel ranks (GPU only)."""
+
+
+@dataclass
+class DataConfig:
+    """Packed datasets written by ``tools/preprocess_data.py`` (one prefix = one file set)."""
+
+    train_prefix: Union[str, List[str]]
+    """Output prefix (or list of prefixes, a mixture) of the training data."""
+    seq_length: int
+    """Tokens per pack; every pack in the data must fit (the meta's seq_length must not exceed it)."""
+    train_weights: Optional[List[float]] = None
+    """Relative sampling weight of each train prefix; None concatenates them (each sample once per
+    epoch). With weights, an epoch holds as many samples as all prefixes together, drawn in these
+    proportions (small sets repeated, large sets subsampled, reshuffled every epoch)."""
+    valid_prefix: Union[str, List[str], None] = None
+    """Prefix (or list of prefixes) of the validation data; None disables validation."""
+    seed: int = 1234
+    """Seed of the sample order; epoch e is shuffled with (seed, e)."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank building micro-batches (0 = in the training process)."""
+
+
+@dataclass
+class TrainingConfig:
+    """Batch sizes, optimizer, learning-rate schedule, precision, loss and evaluation cadence."""
+
+    global_batch_size: int
+    """Packs per optimizer step over all data-parallel ranks (= micro_batch_size x DP x micro-batches)."""
+    train_steps: int
+    """Optimizer steps to train for (the end of the learning-rate schedule)."""
+    micro_batch_size: int = 1
+    """Packs per forward/backward on one data-parallel rank."""
+    lr: float = 1e-5
+    """Peak learning rate (reached after the warmup)."""
+    min_lr: float = 0.0
+    """Learning rate at the end of the decay."""
+    lr_warmup_steps: int = 0
+    """Steps of linear warmup from 0 to lr."""
+    lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay from lr to min_lr over the steps after warmup."""
+    lr_decay_steps: Optional[int] = None
+    """Steps at which the decay ends; None means train_steps."""
+    weight_decay: float = 0.0
+    """Decoupled (AdamW) weight decay; not applied to biases and norms."""
+    adam_beta1: float = 0.9
+    """Adam first-moment decay."""
+    adam_beta2: float = 0.95
+    """Adam second-moment decay."""
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+    clip_grad: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping (the norm is still logged)."""
+    bf16: bool = False
+    """bf16 parameters and activations with fp32 main params and grads in the optimizer (GPU only)."""
+    loss_normalization: Literal["token", "turn", "sequence"] = "token"
+    """Weight of each supervised token: ``token`` every token equal; ``turn`` every assistant turn
+    equal; ``sequence`` every conversation equal. The loss is sum(w * ce) / sum(w) over the global batch."""
+    recompute_granularity: Literal["none", "selective", "full"] = "none"
+    """Activation recomputation: ``selective`` recomputes core attention, ``full`` whole layers."""
+    recompute_method: Optional[Literal["uniform", "block"]] = None
+    """With full recompute: ``uniform`` chunks of recompute_num_layers, ``block`` the first N layers."""
+    recompute_num_layers: Optional[int] = None
+    """With full recompute: layers per chunk (uniform) or layers recomputed per stage (block)."""
+    seed: int = 1234
+    """Seed of weight initialisation and dropout."""
+    eval_interval_steps: int = 0
+    """Compute the validation loss every this many steps (and at the end); 0 disables."""
+    eval_steps: Optional[int] = None
+    """Global batches of validation data per evaluation; None means the whole validation set."""
+    max_skipped_steps: int = 0
+    """Steps whose loss or gradient norm is NaN/inf are skipped (no update, logged with their step
+    number); more than this many skipped steps in a row stops training with an error."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Where checkpoints are written and read (megatron.core.dist_checkpointing directories)."""
+
+    save: Optional[str] = None
+    """Directory of checkpoints (SAVE/iter_0000100/, SAVE/latest_checkpointed_iteration.txt)."""
+    load: Optional[str] = None
+    """Resume from the latest checkpoint in this directory (model, optimizer, schedule, data
+    position, RNG). Where it holds none yet, training starts from ``pretrained`` or from scratch."""
+    pretrained: Optional[str] = None
+    """Checkpoint directory to take the model weights from (e.g. a converted HF model); only used
+    when there is nothing to resume from ``load``."""
+    save_interval_steps: int = 0
+    """Save every this many steps; 0 saves only at the end (and on SIGTERM)."""
+    save_on_sigterm: bool = True
+    """On SIGTERM (SLURM preemption): finish the current step, save, and exit 0."""
+    keep_last: int = 0
+    """Keep only this many most recent checkpoints in ``save``; 0 keeps all."""
+
+
+@dataclass
+class LoggingConfig:
+    """Console, JSONL and TensorBoard metrics."""
+
+    dir: Optional[str] = None
+    """Directory of metrics.jsonl and TensorBoard events; None means checkpoint.save (and no files
+    when that is unset too)."""
+    log_interval: int = 1
+    """Print and record the metrics every this many steps."""
+    tensorboard: bool = True
+    """Also write TensorBoard events (when the tensorboard package is installed)."""
+
+
+@dataclass
+class SFTConfig:
+    """The whole run: one YAML file with these sections, overridable as ``--section.key=value``."""
+
+    model: ModelConfig
+    """The decoder architecture."""
+    data: DataConfig
+    """Training and validation data."""
+    training: TrainingConfig
+    """Optimization and evaluation."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Model-parallel layout."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoint save/load."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Metrics output."""
+
+
+# --------------------------------------------------------------------------------------------
+# Loading: YAML + ``--section.key=value`` overrides -> SFTConfig, strictly, all issues at once.
+# --------------------------------------------------------------------------------------------
+
+
+class ConfigError(ValueError):
+    """Invalid user configuration; ``issues`` lists every problem found, each with its fix."""
+
+    def __init__(self, issues: List[str]):
+        self.issues = list(issues)
+        lines = "\n".join(f"  - {issue}" for issue in self.issues)
+        super().__init__(f"invalid configuration ({len(self.issues)} issue(s)):\n{lines}")
+
+
+_INVALID = object()  # a value that failed conversion (already reported)
+
+
+def load_config(
+    path: Optional[str],
+    overrides: Sequence[str] = (),
+    *,
+    world_size: int = 1,
+    has_cuda: bool = False,
+) -> "SFTConfig":
+    """Read ``path`` (YAML), apply ``--section.key=value`` overrides, build the typed tree and check
+    it for a job of ``world_size`` processes. Raises ConfigError listing every issue at once."""
+    issues: List[str] = []
+    raw: dict = {}
+    if path is not None:
+        try:
+            with open(path) as f:
+                raw = yaml.safe_load(f) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError([f"cannot read config file {path}: {e}"]) from e
+        if not isinstance(raw, dict):
+            raise ConfigError([f"{path}: top level must be a mapping of sections, got {type(raw).__name__}"])
+    for dotted, value in parse_overrides(overrides, issues):
+        _set_dotted(raw, dotted, value, issues)
+    cfg = _build(SFTConfig, raw, "", issues)
+    if not issues:  # cross-field checks need every field well typed
+        issues.extend(check_config(cfg, world_size=world_size, has_cuda=has_cuda))
+    if issues:
+        raise ConfigError(issues)
+    return cfg
+
+
+def parse_overrides(args: Sequence[str], issues: List[str]) -> List[Tuple[str, object]]:
+    """``["--training.lr=3e-4", "--data.seed", "7"]`` -> ``[("training.lr", 3e-4), ("data.seed", 7)]``.
+    Values are parsed as YAML scalars/lists (``true``, ``[a, b]``, ``null``)."""
+    out: List[Tuple[str, object]] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        i += 1
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            issues.append(f"override {arg!r}: expected --section.key=value (e.g. --training.lr=1e-4)")
+            continue
+        key, sep, text = arg[2:].partition("=")
+        if not sep:
+            if i >= len(args):
+                issues.append(f"override --{key}: missing value (use --{key}=VALUE)")
+                continue
+            text = args[i]
+            i += 1
+        try:
+            value = yaml.safe_load(text) if text != "" else ""
+        except yaml.YAMLError:
+            value = text
+        out.append((key, value))
+    return out
+
+
+def _set_dotted(raw: dict, dotted: str, value: object, issues: List[str]) -> None:
+    node = raw
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            issues.append(f"override --{dotted}: '{part}' is not a section")
+            return
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(cls, raw: object, prefix: str, issues: List[str]):
+    """Build dataclass ``cls`` from a mapping, reporting unknown/missing keys and bad types."""
+    where = prefix.rstrip(".") or "the top level"
+    if not isinstance(raw, dict):
+        issues.append(f"{where}: expected a mapping of {cls.__name__} fields, got {raw!r}")
+        raw = {}
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), list(known), n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(known)}"
+            issues.append(f"unknown key '{prefix}{key}'{hint}")
+    kwargs = {}
+    for name, f in known.items():
+        dotted = f"{prefix}{name}"
+        if name in raw:
+            value = _convert(hints[name], raw[name], dotted, issues)
+            kwargs[name] = None if value is _INVALID else value
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            if dataclasses.is_dataclass(hints[name]):
+                kwargs[name] = _build(hints[name], {}, dotted + ".", issues)
+            else:
+                doc = field_docs(cls).get(name, "")
+                issues.append(f"missing required key '{dotted}' ({doc.splitlines()[0] if doc else name})")
+                kwargs[name] = None
+    return cls(**kwargs)
+
+
+def _convert(tp, value, dotted: str, issues: List[str]):
+    """Convert one YAML value to type ``tp``; report and return _INVALID when it does not fit."""
+    result = _try_convert(tp, value, dotted, issues)
+    if result is _INVALID:
+        issues.append(f"'{dotted}' = {value!r}: expected {_type_name(tp)}")
+    return result
+
+
+def _try_convert(tp, value, dotted: str, issues: List[str]):
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Union:
+        if value is None:
+            return None if type(None) in args else _INVALID
+        for arg in args:
+            if arg is type(None):
+                continue
+            sub_issues: List[str] = []
+            result = _try_convert(arg, value, dotted, sub_issues)
+            if result is not _INVALID:
+                issues.extend(sub_issues)
+                return result
+        return _INVALID
+    if origin is Literal:
+        return value if value in args else _INVALID
+    if origin in (list, List):
+        if not isinstance(value, list):
+            return _INVALID
+        items = [_try_convert(args[0], v, f"{dotted}[{i}]", issues) for i, v in enumerate(value)]
+        return _INVALID if any(v is _INVALID for v in items) else items
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, dotted + ".", issues) if isinstance(value, dict) else _INVALID
+    if tp is bool:
+        return value if isinstance(value, bool) else _INVALID
+    if tp is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else _INVALID
+    if tp is float:
+        return _to_float(value)
+    if tp is str:
+        return value if isinstance(value, str) else _INVALID
+    raise TypeError(f"unsupported config field type {tp} at {dotted}")  # a bug in this module
+
+
+def _to_float(value):
+    # PyYAML reads "1e-5" (no dot) as a string: accept any string float() accepts.
+    if isinstance(value, bool):
+        return _INVALID
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return _INVALID
+    return _INVALID
+
+
+def _type_name(tp) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Union:
+        return " or ".join(_type_name(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (list, List):
+        return f"a list of {_type_name(args[0])}"
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return f"a mapping ({tp.__name__})"
+    return getattr(tp, "__name__", str(tp))
+
+
+def field_docs(cls) -> Dict[str, str]:
+    """The docstring written under each field of dataclass ``cls`` (parsed from its source)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for stmt, nxt in zip(body, body[1:]):
+        if (
+            isinstance(stmt, ast.AnnAssign)
+            and isinstance(stmt.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(getattr(nxt, "value", None), ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[stmt.target.id] = inspect.cleandoc(nxt.value.value)
+    return docs
+
+
+def config_help(cls=None, prefix: str = "") -> str:
+    """``--help`` text: every ``--section.key`` with its type, default and docstring."""
+    cls = cls or SFTConfig
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    lines = []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            lines.append(f"\n[{prefix}{f.name}] {inspect.cleandoc(tp.__doc__ or '')}")
+            lines.append(config_help(tp, f"{prefix}{f.name}."))
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f"default {f.default!r}"
+        elif f.default_factory is not dataclasses.MISSING:
+            default = "default {}"
+        else:
+            default = "required"
+        lines.append(f"  --{prefix}{f.name} ({_type_name(tp)}; {default})")
+        lines.extend("      " + line for line in docs.get(f.name, "").splitlines())
+    return "\n".join(lines)
+
+
+def config_to_dict(cfg) -> dict:
+    """The resolved config as plain YAML-able data (what is printed and saved as config.yaml)."""
+    return dataclasses.asdict(cfg)
+
+
+def config_to_yaml(cfg) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
+
+
+def as_list(prefix: Union[str, List[str], None]) -> List[str]:
+    """A data prefix field as a list (``None`` -> ``[]``)."""
+    if prefix is None:
+        return []
+    return [prefix] if isinstance(prefix, str) else list(prefix)
+
+
+# --------------------------------------------------------------------------------------------
+# Cross-field checks: every bad combination, each with key, value and the fix.
+# --------------------------------------------------------------------------------------------
+
+
+def check_config(cfg: "SFTConfig", *, world_size: int, has_cuda: bool) -> List[str]:
+    """Every inconsistency of a well-typed config for a job of ``world_size`` processes."""
+    issues: List[str] = []
+    for check in (_check_positive, _check_model_parallel, _check_batch, _check_devices,
+                  _check_schedule, _check_data, _check_outputs):
+        check(cfg, world_size, has_cuda, issues)
+    return issues
+
+
+def _check_positive(cfg, world_size, has_cuda, issues):
+    t, p, m = cfg.training, cfg.parallel, cfg.model
+    for key, value in [
+        ("model.num_layers", m.num_layers), ("model.hidden_size", m.hidden_size),
+        ("model.num_attention_heads", m.num_attention_heads), ("model.vocab_size", m.vocab_size),
+        ("data.seq_length", cfg.data.seq_length), ("training.micro_batch_size", t.micro_batch_size),
+        ("training.global_batch_size", t.global_batch_size), ("training.train_steps", t.train_steps),
+        ("parallel.tensor_model_parallel_size", p.tensor_model_parallel_size),
+        ("parallel.pipeline_model_parallel_size", p.pipeline_model_parallel_size),
+        ("parallel.context_parallel_size", p.context_parallel_size),
+        ("logging.log_interval", cfg.logging.log_interval),
+    ]:
+        if value < 1:
+            issues.append(f"{key}={value}: must be >= 1")
+    for key, value in [("training.lr", t.lr), ("training.min_lr", t.min_lr),
+                       ("training.weight_decay", t.weight_decay), ("training.clip_grad", t.clip_grad),
+                       ("training.lr_warmup_steps", t.lr_warmup_steps),
+                       ("training.eval_interval_steps", t.eval_interval_steps),
+                       ("training.max_skipped_steps", t.max_skipped_steps),
+                       ("checkpoint.save_interval_steps", cfg.checkpoint.save_interval_steps),
+                       ("checkpoint.keep_last", cfg.checkpoint.keep_last),
+                       ("data.num_workers", cfg.data.num_workers)]:
+        if value < 0:
+            issues.append(f"{key}={value}: must be >= 0")
+
+
+def _check_model_parallel(cfg, world_size, has_cuda, issues):
+    m, p = cfg.model, cfg.parallel
+    tp, pp, vp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.virtual_pipeline_model_parallel_size
+    groups = m.num_query_groups or m.num_attention_heads
+    if tp >= 1 and m.num_attention_heads % tp:
+        issues.append(f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
+                      f"parallel.tensor_model_parallel_size={tp}: choose a TP size that divides it")
+    if tp >= 1 and groups % tp:
+        issues.append(f"model.num_query_groups={groups} is not divisible by parallel.tensor_model_parallel_size"
+                      f"={tp}: choose a TP size that divides the number of key/value heads")
+    if m.num_attention_heads % groups:
+        issues.append(f"model.num_attention_heads={m.num_attention_heads} is not a multiple of "
+                      f"model.num_query_groups={groups}: fix the model's GQA groups")
+    if vp is not None and vp > 1:
+        issues.append(f"parallel.virtual_pipeline_model_parallel_size={vp}: interleaved pipelining is not "
+                      "supported yet (Megatron's interleaved schedule gave wrong losses on packed THD "
+                      "micro-batches of varying length in our tests): unset it and use "
+                      "pipeline_model_parallel_size alone")
+    if vp is not None and pp < 2:
+        issues.append(f"parallel.virtual_pipeline_model_parallel_size={vp} needs "
+                      f"parallel.pipeline_model_parallel_size >= 2 (is {pp}): unset it or raise PP")
+    stages = pp * (vp or 1)
+    if stages >= 1 and m.num_layers % stages:
+        issues.append(f"model.num_layers={m.num_layers} is not divisible by pipeline stages x virtual "
+                      f"chunks = {pp} x {vp or 1}: pick PP/VP whose product divides num_layers")
+    if p.sequence_parallel and tp < 2:
+        issues.append("parallel.sequence_parallel=true needs parallel.tensor_model_parallel_size >= 2: "
+                      "set --parallel.sequence_parallel=false or raise TP")
+    model_parallel = tp * pp * p.context_parallel_size
+    if model_parallel >= 1 and world_size % model_parallel:
+        issues.append(f"world size {world_size} is not divisible by TP x PP x CP = {tp} x {pp} x "
+                      f"{p.context_parallel_size}: launch a multiple of {model_parallel} processes")
+
+
+def _check_batch(cfg, world_size, has_cuda, issues):
+    t, p = cfg.training, cfg.parallel
+    model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
+    if model_parallel >= 1 and world_size % model_parallel == 0 and t.micro_batch_size >= 1:
+        dp = world_size // model_parallel
+        if t.global_batch_size % (t.micro_batch_size * dp):
+            issues.append(f"training.global_batch_size={t.global_batch_size} is not divisible by "
+                          f"micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp}: set it to a "
+                          f"multiple of {t.micro_batch_size * dp}")
+    cp = p.context_parallel_size
+    if cp > 1 and cfg.data.seq_length % (2 * cp):
+        issues.append(f"data.seq_length={cfg.data.seq_length} is not divisible by 2 x context_parallel_size"
+                      f" = {2 * cp}: use a multiple of {2 * cp}")
+    if cfg.data.seq_length > cfg.model.max_position_embeddings:
+        issues.append(f"data.seq_length={cfg.data.seq_length} exceeds model.max_position_embeddings="
+                      f"{cfg.model.max_position_embeddings}: raise max_position_embeddings or shorten packs")
+
+
+def _check_devices(cfg, world_size, has_cuda, issues):
+    p, t, backend = cfg.parallel, cfg.training, cfg.model.attention_backend
+    if backend not in ("auto", "te", "torch"):
+        issues.append(f"model.attention_backend={backend!r}: use one of auto, te, torch")
+    torch_backend = backend == "torch" or (backend == "auto" and not has_cuda)
+    if p.context_parallel_size > 1 and torch_backend:
+        issues.append(f"parallel.context_parallel_size={p.context_parallel_size} needs the te attention "
+                      f"backend (model.attention_backend={backend!r}"
+                      f"{'' if has_cuda else ', no GPU here'}): set --model.attention_backend=te on GPUs "
+                      "or --parallel.context_parallel_size=1")
+    if not has_cuda:
+        cpu_only = [("parallel.use_distributed_optimizer", p.use_distributed_optimizer, "false"),
+                    ("training.bf16", t.bf16, "false")]
+        for key, value, fix in cpu_only:
+            if value:
+                issues.append(f"{key}={str(value).lower()} is not supported on CPU: set --{key}={fix}")
+        if backend == "te":
+            issues.append("model.attention_backend='te' needs a GPU: use --model.attention_backend=torch")
+    if t.recompute_granularity == "full" and (t.recompute_method is None or t.recompute_num_layers is None):
+        issues.append("training.recompute_granularity='full' needs training.recompute_method (uniform|block) "
+                      "and training.recompute_num_layers: set both (e.g. uniform and 1)")
+    if t.recompute_granularity != "full" and (t.recompute_method or t.recompute_num_layers):
+        issues.append(f"training.recompute_method/recompute_num_layers only apply to full recompute "
+                      f"(recompute_granularity={t.recompute_granularity!r}): unset them")
+
+
+def _check_schedule(cfg, world_size, has_cuda, issues):
+    t = cfg.training
+    decay_steps = t.lr_decay_steps if t.lr_decay_steps is not None else t.train_steps
+    if t.min_lr > t.lr:
+        issues.append(f"training.min_lr={t.min_lr} exceeds training.lr={t.lr}: set min_lr <= lr")
+    if t.lr_warmup_steps > decay_steps and t.lr_decay_style != "constant":
+        issues.append(f"training.lr_warmup_steps={t.lr_warmup_steps} must be <= the decay steps "
+                      f"({decay_steps}): shorten the warmup or raise training.lr_decay_steps")
+    if not 0.0 <= t.adam_beta1 < 1.0 or not 0.0 <= t.adam_beta2 < 1.0:
+        issues.append(f"training.adam_beta1/adam_beta2=({t.adam_beta1}, {t.adam_beta2}): each must be in [0, 1)")
+    if t.eval_steps is not None and t.eval_steps < 1:
+        issues.append(f"training.eval_steps={t.eval_steps}: must be >= 1 or null (whole validation set)")
+
+
+def _check_data(cfg, world_size, has_cuda, issues):
+    d, t = cfg.data, cfg.training
+    train = as_list(d.train_prefix)
+    if not train:
+        issues.append("data.train_prefix is empty: give at least one dataset prefix")
+    if d.train_weights is not None:
+        if len(d.train_weights) != len(train):
+            issues.append(f"data.train_weights has {len(d.train_weights)} entries for {len(train)} "
+                          "train prefixes: give one weight per prefix")
+        if any(w < 0 for w in d.train_weights) or sum(d.train_weights) <= 0:
+            issues.append(f"data.train_weights={d.train_weights}: weights must be >= 0 with a positive sum")
+    if t.eval_interval_steps > 0 and not as_list(d.valid_prefix):
+        issues.append(f"training.eval_interval_steps={t.eval_interval_steps} needs data.valid_prefix: "
+                      "set it or --training.eval_interval_steps=0")
+
+
+def _check_outputs(cfg, world_size, has_cuda, issues):
+    c = cfg.checkpoint
+    if c.save_interval_steps > 0 and not c.save:
+        issues.append(f"checkpoint.save_interval_steps={c.save_interval_steps} needs checkpoint.save: "
+                      "set --checkpoint.save=DIR")
+
+
+def ineffective_settings(cfg: "SFTConfig") -> List[str]:
+    """Settings that are valid but do nothing in this config (warned once at start-up)."""
+    t, c, lg = cfg.training, cfg.checkpoint, cfg.logging
+    notes = []
+    if t.eval_steps is not None and t.eval_interval_steps == 0:
+        notes.append("training.eval_steps has no effect with training.eval_interval_steps=0 (except --eval-only)")
+    if c.keep_last and not c.save:
+        notes.append("checkpoint.keep_last has no effect without checkpoint.save")
+    if lg.dir is None and c.save is None:
+        notes.append("no logging.dir and no checkpoint.save: metrics go to the console only")
+    if t.lr_decay_style == "constant" and (t.min_lr or t.lr_decay_steps is not None):
+        notes.append("training.min_lr/lr_decay_steps have no effect with lr_decay_style=constant")
+    if cfg.data.train_weights is not None and len(as_list(cfg.data.train_prefix)) == 1:
+        notes.append("data.train_weights has no effect with a single train prefix")
+    return notes

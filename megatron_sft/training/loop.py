@@ -1,0 +1,319 @@
+"""The trainer: build once (runtime, data, model, optimizer, schedule, sampler, metrics), then a
+loop that reads like the algorithm: step, log, evaluate, save, stop on SIGTERM.
+
+One step = the next ``global_batch_size`` packs of the sample stream, split over DP ranks into
+micro-batches, run through Megatron's forward/backward schedule (any PP/VP), one optimizer update.
+The logged loss is sum(w * ce) / sum(w) over the whole global batch: the value the gradient is of.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import time
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+
+import megatron_sft.mcore  # noqa: F401  (must precede megatron.core imports)
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_sft.config import SFTConfig, as_list, config_to_yaml
+from megatron_sft.training import checkpoint as ckpt
+from megatron_sft.training.flops import causal_pairs, peak_tflops, step_flops
+from megatron_sft.training.inputs import (BatchBuilder, describe_pack, eval_micro_batches, open_datasets,
+                                          source_names, source_offsets, train_batches)
+from megatron_sft.training.loss import LossReport, make_loss_func, summarize
+from megatron_sft.training.metrics import MetricsWriter, memory_gib
+from megatron_sft.training.model_setup import build_model, load_model_state, model_sharded_state_dict
+from megatron_sft.training.optimizer import build_optimizer, build_scheduler, optimizer_step, prepare_for_loading
+from megatron_sft.training.sampler import SampleStream
+
+logger = logging.getLogger("megatron_sft")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. too many non-finite steps in a row); the message says why."""
+
+
+class Trainer:
+    """Holds everything a run needs; ``train()`` and ``evaluate()`` are the two entry points."""
+
+    def __init__(self, cfg: SFTConfig, *, eval_only: bool = False):
+        self.cfg, self.eval_only = cfg, eval_only
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.cp_group = parallel_state.get_context_parallel_group() if cfg.parallel.context_parallel_size > 1 else None
+        self.train_sets = [] if eval_only else open_datasets(as_list(cfg.data.train_prefix), cfg, "train")
+        self.valid_sets = open_datasets(as_list(cfg.data.valid_prefix), cfg, "valid") if cfg.data.valid_prefix else []
+        all_sets = self.train_sets or self.valid_sets
+        self.data_meta = all_sets[0].meta if all_sets else {}
+        self.model = build_model(cfg)
+        self.optimizer = None if eval_only else build_optimizer(cfg, self.model)
+        self.scheduler = None if eval_only else build_scheduler(cfg, self.optimizer)
+        if self.optimizer is not None:
+            self._hook_megatron_config()
+        self.stream = SampleStream([len(d) for d in self.train_sets], cfg.data.train_weights, cfg.data.seed) \
+            if self.train_sets else None
+        self.step, self.skipped_in_row, self._stop, self._saved_step = 0, 0, False, None
+        log_dir = cfg.logging.dir or cfg.checkpoint.save
+        self.metrics = MetricsWriter(log_dir, rank=self.rank, tensorboard=cfg.logging.tensorboard)
+        self.peak = peak_tflops(torch.cuda.get_device_name() if torch.cuda.is_available() else None, cfg.training.bf16)
+        if cfg.checkpoint.save:
+            ckpt.check_save_dependencies()
+        self._restore()
+
+    # ------------------------------------------------------------------ build helpers
+    def _hook_megatron_config(self) -> None:
+        from megatron.core.distributed import finalize_model_grads
+        from megatron.core.utils import get_model_config
+
+        config = get_model_config(self.model[0])
+        config.grad_scale_func = self.optimizer.scale_loss
+        config.finalize_model_grads_func = finalize_model_grads
+        no_sync = [chunk.no_sync for chunk in self.model]
+        config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+
+    def _builder(self, datasets) -> BatchBuilder:
+        cp_rank = parallel_state.get_context_parallel_rank()
+        return BatchBuilder(datasets, source_offsets(datasets), self.cfg, cp_rank)
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> str:
+        """Train to ``training.train_steps``; returns ``"done"`` or ``"preempted"`` (SIGTERM)."""
+        cfg, t = self.cfg, self.cfg.training
+        self._install_sigterm()
+        batches = train_batches(self._builder(self.train_sets), self.stream, self.dp_rank, self.dp_size,
+                                cfg.data.num_workers)
+        names = source_names(self.train_sets)
+        if self.rank == 0:
+            first = self.train_sets[0][0]
+            logger.info("first training pack, supervised targets in «»:\n%s",
+                        describe_pack(first, self.data_meta.get("tokenizer")))
+        while self.step < t.train_steps:
+            start = time.perf_counter()  # the step time includes building its micro-batches
+            record = self.train_step(next(batches), names, start)
+            if self.step % cfg.logging.log_interval == 0 or self.step == t.train_steps:
+                self.metrics.write(record)
+            if t.eval_interval_steps and self.step % t.eval_interval_steps == 0 and self.step < t.train_steps:
+                self.evaluate()
+            if cfg.checkpoint.save_interval_steps and self.step % cfg.checkpoint.save_interval_steps == 0:
+                self.save()
+            if self._sigterm_received():
+                logger.info("SIGTERM: saving at step %d and exiting", self.step)
+                if self._saved_step != self.step:
+                    self.save()
+                return "preempted"
+        if t.eval_interval_steps:
+            self.evaluate()
+        if cfg.checkpoint.save and self._saved_step != self.step:
+            self.save()
+        return "done"
+
+    def train_step(self, micro_batches, names: List[str], start: Optional[float] = None) -> dict:
+        """One optimizer step over this rank's ``micro_batches``; returns the metrics record."""
+        start = time.perf_counter() if start is None else start
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        reports = self._forward_backward(micro_batches, len(names), forward_only=False)
+        report, stats = self._global_sums(reports, micro_batches, len(names))
+        loss = summarize(report, names)
+        applied, norm = (False, float("nan"))
+        # The schedule counts applied updates; update k uses lr(k) (warmup: k/W x lr, never 0).
+        self.scheduler.step(1)
+        lr = self.optimizer.param_groups[0]["lr"]
+        if math.isfinite(loss.loss):
+            applied, norm = optimizer_step(self.optimizer, self.cfg.training.clip_grad)
+        if not applied:
+            self.scheduler.step(-1)
+        self.stream.consumed_samples += self.cfg.training.global_batch_size
+        self.step += 1
+        self._account_skip(applied, loss.loss, norm)
+        elapsed = time.perf_counter() - start
+        return self._step_record(loss, norm, lr, stats, elapsed, skipped=not applied)
+
+    def _account_skip(self, applied: bool, loss: float, norm: float) -> None:
+        if applied:
+            self.skipped_in_row = 0
+            return
+        self.skipped_in_row += 1
+        logger.warning("step %d skipped: non-finite loss %s / grad_norm %s (%d in a row)",
+                       self.step, loss, norm, self.skipped_in_row)
+        if self.skipped_in_row > self.cfg.training.max_skipped_steps:
+            raise TrainingError(
+                f"step {self.step}: loss {loss}, grad_norm {norm} is not finite ({self.skipped_in_row} step(s) in "
+                f"a row, training.max_skipped_steps={self.cfg.training.max_skipped_steps}). Lower training.lr, "
+                "check the data, or raise training.max_skipped_steps to skip such steps")
+
+    def _step_record(self, loss: LossReport, norm: float, lr: float, stats: dict, elapsed: float,
+                     skipped: bool) -> dict:
+        flops = step_flops(self.cfg.model, stats["tokens"], stats["causal_pairs"])
+        tflops = flops / elapsed / self.world_size / 1e12
+        record = {
+            "step": self.step, "loss": loss.loss, "grad_norm": norm,
+            "lr": lr, "supervised_tokens": stats["targets"],
+            "tokens_per_s_per_gpu": stats["tokens"] / elapsed / self.world_size,
+            "tflops_per_gpu": tflops, "mfu": tflops / self.peak if self.peak else None,
+            "step_time_s": elapsed, "memory_gib": memory_gib(), "epoch": self.stream.epoch,
+        }
+        if skipped:
+            record["skipped"] = True
+        record.update({f"loss/{name}": value for name, value in loss.per_source.items()})
+        return record
+
+    # ------------------------------------------------------------------ forward/backward
+    def _forward_backward(self, micro_batches, num_sources: int, forward_only: bool) -> list:
+        """Megatron's schedule over ``micro_batches``; returns the last stage's loss reports."""
+        num_sources = max(num_sources, 1)
+        device, cp_group = self.device, self.cp_group
+
+        def forward_step(data_iterator, model):
+            batch = next(data_iterator).to(device)
+            output = model(batch.tokens, batch.position_ids, None, labels=batch.labels.clamp(min=0),
+                           packed_seq_params=batch.packed_seq_params)
+            return output, make_loss_func(batch.loss_weight, batch.source_index, num_sources, cp_group)
+
+        iterators = [iter(micro_batches) for _ in self.model]
+        padded_length = self.cfg.training.micro_batch_size * self.cfg.data.seq_length
+        return get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iterators if len(iterators) > 1 else iterators[0],
+            model=self.model, num_microbatches=len(micro_batches),
+            seq_length=padded_length, micro_batch_size=1, forward_only=forward_only)
+
+    def _global_sums(self, reports: list, micro_batches, num_sources: int):
+        """Sum the loss reports (last stage) and batch statistics over all ranks, each counted
+        once: loss sums from TP rank 0 of the last stage (every CP shard), statistics from the
+        (TP 0, CP 0, last stage) rank of each DP replica."""
+        width = 2 + 2 * max(num_sources, 1)
+        local = torch.zeros(width + 3, dtype=torch.float64)
+        last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+        tp0 = parallel_state.get_tensor_model_parallel_rank() == 0
+        if last_stage and tp0:
+            for r in reports:
+                local[:width] += r["sums"].double().cpu()
+            if parallel_state.get_context_parallel_rank() == 0:
+                lengths = [int(n) for b in micro_batches if b.num_real_tokens
+                           for n in torch.diff(b.packed_seq_params.cu_seqlens_q).tolist()]
+                local[width:] += torch.tensor([sum(b.num_real_tokens for b in micro_batches),
+                                               sum(b.num_targets for b in micro_batches), causal_pairs(lengths)],
+                                              dtype=torch.float64)
+        local = local.to(self.device)
+        dist.all_reduce(local)
+        local = local.cpu()
+        stats = {"tokens": int(local[width]), "targets": int(local[width + 1]), "causal_pairs": int(local[width + 2])}
+        return local[:width], stats
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self) -> LossReport:
+        """Validation loss over the validation set (or ``eval_steps`` global batches of it)."""
+        if not self.valid_sets:
+            raise ValueError("evaluation needs validation data: set --data.valid_prefix=PREFIX")
+        names = source_names(self.valid_sets)
+        builder = self._builder(self.valid_sets)
+        batches = eval_micro_batches(builder, [len(d) for d in self.valid_sets], self.cfg, self.dp_rank,
+                                     self.dp_size, self.cfg.training.eval_steps)
+        total, targets = None, 0
+        for chunk in self.model:
+            chunk.eval()
+        with torch.no_grad():
+            for micro_batches in batches:
+                reports = self._forward_backward(micro_batches, len(names), forward_only=True)
+                sums, stats = self._global_sums(reports, micro_batches, len(names))
+                total = sums if total is None else total + sums
+                targets += stats["targets"]
+        for chunk in self.model:
+            chunk.train()
+        report = summarize(total, names)
+        record = {"step": self.step, "eval_loss": report.loss, "eval_tokens": targets}
+        record.update({f"eval_loss/{name}": value for name, value in report.per_source.items()})
+        self.metrics.write(record)
+        self.last_eval = (report, targets)
+        return report
+
+    # ------------------------------------------------------------------ checkpoints
+    def _state(self, loading: bool, with_rng: bool = True) -> dict:
+        state = model_sharded_state_dict(self.model)
+        if self.optimizer is not None:
+            state["optimizer"] = self.optimizer.sharded_state_dict(
+                dict(state), is_loading=loading, metadata=ckpt.OPTIMIZER_METADATA)
+        if with_rng:
+            state["rng_state"] = ckpt.rng_state_sharded(self.rank, self.world_size)
+        state["trainer"] = {
+            "step": self.step, "skipped_in_row": self.skipped_in_row,
+            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+            "sampler": self.stream.state_dict() if self.stream else None,
+            "world_size": self.world_size,
+        }
+        return state
+
+    def save(self) -> str:
+        files = {"config.yaml": config_to_yaml(self.cfg), "data_meta.json": json.dumps(self.data_meta, indent=2)}
+        path = ckpt.save_checkpoint(self.cfg.checkpoint.save, self.step, self._state(loading=False), files,
+                                    self.cfg.checkpoint.keep_last)
+        self._saved_step = self.step
+        logger.info("saved checkpoint %s", path)
+        return path
+
+    def _restore(self) -> None:
+        c = self.cfg.checkpoint
+        resume = ckpt.latest_iteration(c.load)
+        if resume is not None:
+            self._resume(ckpt.iteration_dir(c.load, resume))
+        elif c.pretrained:
+            path = ckpt.checkpoint_path(c.pretrained)
+            loaded = ckpt.load_checkpoint(path, model_sharded_state_dict(self.model))
+            load_model_state(self.model, loaded)
+            logger.info("loaded pretrained weights from %s", path)
+
+    def _resume(self, path: str) -> None:
+        common = dist_checkpointing.load_common_state_dict(path)
+        saved = common.get("trainer") or {}
+        same_layout = saved.get("world_size") == self.world_size
+        if self.eval_only:  # weights only
+            loaded = ckpt.load_checkpoint(path, model_sharded_state_dict(self.model))
+            load_model_state(self.model, loaded)
+            self.step = int(saved.get("step", 0))
+            return
+        prepare_for_loading(self.optimizer)
+        loaded = ckpt.load_checkpoint(path, self._state(loading=True, with_rng=same_layout))
+        load_model_state(self.model, loaded)
+        try:
+            self.optimizer.load_state_dict(loaded["optimizer"])
+        except KeyError as err:
+            if not self.cfg.parallel.use_distributed_optimizer:
+                raise
+            # Megatron-Core 0.19.2 distrib_optimizer.py:1223 expects FusedAdam's state layout.
+            raise ValueError(f"cannot load the distributed optimizer state of {path} (missing {err}): "
+                             "Megatron-Core 0.19.2 loads it only with Transformer Engine's FusedAdam; "
+                             "install the te extra (pip install -e .[te])") from err
+        trainer = loaded["trainer"]
+        self.scheduler.load_state_dict(trainer["scheduler"])
+        self.stream.load_state_dict(trainer["sampler"])
+        self.step, self.skipped_in_row = int(trainer["step"]), int(trainer["skipped_in_row"])
+        if same_layout:
+            ckpt.restore_rng_state(loaded["rng_state"])
+        logger.info("resumed from %s at step %d (sample %d)", path, self.step, self.stream.consumed_samples)
+
+    # ------------------------------------------------------------------ preemption
+    def _install_sigterm(self) -> None:
+        if self.cfg.checkpoint.save_on_sigterm and self.cfg.checkpoint.save:
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self._stop = True  # acted on after the current step, on every rank at once
+
+    def _sigterm_received(self) -> bool:
+        flag = torch.tensor([1.0 if self._stop else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+    def close(self) -> None:
+        self.metrics.close()

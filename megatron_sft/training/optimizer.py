@@ -1,0 +1,128 @@
+"""Optimizer and learning-rate schedule (megatron.core.optimizer), and one optimizer step.
+
+``optimizer_step`` does what ``MegatronOptimizer.step`` does, in the same order, with two
+differences: a NaN/inf gradient norm skips the update instead of applying it, and clipping is done
+here (``torch._foreach_mul_``) so it runs on any device; Megatron's own clipping asserts CUDA
+tensors. The norm is Megatron's definition: the grads of ``get_grads_for_grad_norm`` (tensor
+parallel duplicates and shared weights counted once), summed over the model-parallel group.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List
+
+import torch
+import torch.distributed as dist
+
+import megatron_sft.mcore  # noqa: F401  (must precede megatron.core imports)
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from megatron_sft.config import SFTConfig
+
+
+def optimizer_config_from(cfg: SFTConfig) -> OptimizerConfig:
+    """Megatron's OptimizerConfig for our training/parallel sections (clipping is ours: 0 here)."""
+    t = cfg.training
+    return OptimizerConfig(
+        optimizer="adam",
+        lr=t.lr,
+        min_lr=t.min_lr,
+        weight_decay=t.weight_decay,
+        adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2,
+        adam_eps=t.adam_eps,
+        bf16=t.bf16,
+        params_dtype=torch.bfloat16 if t.bf16 else torch.float32,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        clip_grad=0.0,
+    )
+
+
+def build_optimizer(cfg: SFTConfig, model_chunks: List[torch.nn.Module]):
+    """Adam(W) over the DDP-wrapped ``model_chunks``; fp32 main params when bf16."""
+    return get_megatron_optimizer(optimizer_config_from(cfg), model_chunks)
+
+
+def build_scheduler(cfg: SFTConfig, optimizer) -> OptimizerParamScheduler:
+    """Linear warmup from 0 to ``lr`` over ``lr_warmup_steps``, then ``lr_decay_style`` to
+    ``min_lr`` at ``lr_decay_steps`` (default ``train_steps``). Step counts are optimizer steps."""
+    t = cfg.training
+    decay_steps = t.lr_decay_steps if t.lr_decay_steps is not None else t.train_steps
+    # Megatron asserts warmup < decay even for a constant schedule, which never decays.
+    decay_steps = max(decay_steps, t.lr_warmup_steps + 1)
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if t.lr_warmup_steps > 0 else t.lr,
+        max_lr=t.lr,
+        min_lr=t.min_lr,
+        lr_warmup_steps=t.lr_warmup_steps,
+        lr_decay_steps=decay_steps,
+        lr_decay_style=t.lr_decay_style,
+        start_wd=t.weight_decay,
+        end_wd=t.weight_decay,
+        wd_incr_steps=decay_steps,
+        wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=True,
+        override_opt_param_scheduler=False,
+    )
+
+
+def _inner_optimizers(optimizer) -> list:
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def grad_norm(optimizer) -> float:
+    """Global L2 norm of the main gradients (call after ``prepare_grads``)."""
+    inner = _inner_optimizers(optimizer)
+    grads = [g for opt in inner for g in opt.get_grads_for_grad_norm()]
+    device = grads[0].device if grads else torch.device("cpu")
+    total = torch.zeros(1, dtype=torch.float64, device=device)
+    if grads:
+        norms = torch._foreach_norm([g.float() for g in grads])
+        total += torch.stack(norms).double().pow(2).sum()
+    if dist.is_initialized():
+        group = inner[0].get_grad_stats_parallel_group()
+        dist.all_reduce(total, group=group)
+    return float(total.sqrt().item())
+
+
+def _main_grads(optimizer) -> List[torch.Tensor]:
+    grads = []
+    for opt in _inner_optimizers(optimizer):
+        for param in opt.get_parameters():
+            grad = getattr(param, "decoupled_grad", None) if opt.config.use_precision_aware_optimizer else param.grad
+            if grad is not None:
+                grads.append(grad)
+    return grads
+
+
+def optimizer_step(optimizer, clip_grad: float) -> tuple[bool, float]:
+    """Unscale/copy grads, measure the norm, clip to ``clip_grad`` (0 = never), update.
+
+    Returns ``(applied, grad_norm)``; ``applied`` is False (nothing changed) when the norm is not
+    finite or a loss scaler found an overflow."""
+    found_inf = optimizer.prepare_grads()
+    if found_inf:
+        return False, float("nan")
+    norm = grad_norm(optimizer)
+    if not math.isfinite(norm):
+        return False, norm
+    if clip_grad > 0 and norm > clip_grad:
+        grads = _main_grads(optimizer)
+        if grads:
+            torch._foreach_mul_(grads, clip_grad / (norm + 1.0e-6))
+    applied = optimizer.step_with_ready_grads()
+    return bool(applied), norm
+
+
+def prepare_for_loading(optimizer) -> None:
+    """Give a fresh distributed optimizer its Adam state tensors so that a checkpoint can be
+    loaded into them (its ``state_dict`` needs them; torch Adam creates them at the first step).
+    The dummy zero-gradient step changes nothing that the load does not overwrite."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in _inner_optimizers(optimizer):
+        if isinstance(opt, DistributedOptimizer) and len(opt.optimizer.state) == 0:
+            opt._init_optimizer_states_with_dummy_values()

@@ -1,0 +1,84 @@
+#!/usr/bin/env python
+r"""Supervised fine-tuning on packed chat data with Megatron-Core.
+
+    torchrun --nproc-per-node 8 pretrain_sft.py --config yaml_configs/llama3.1_8b_32k.yaml \
+        [--section.key=value ...] [--eval-only]
+
+``--help`` lists every config key with its docstring. ``--eval-only`` prints exactly one line,
+``eval_loss=<float> eval_tokens=<int>``, for the checkpoint in ``checkpoint.load`` (or
+``checkpoint.pretrained``, or the initial weights) and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+from megatron_sft.config import (ConfigError, config_help, config_to_yaml, ineffective_settings,  # noqa: E402
+                                 load_config)
+
+logger = logging.getLogger("megatron_sft")
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=False)
+    parser.add_argument("--config", help="YAML file with the config sections")
+    parser.add_argument("--eval-only", action="store_true", help="only compute the validation loss")
+    parser.add_argument("-h", "--help", action="store_true")
+    args, overrides = parser.parse_known_args(argv)
+    if args.help:
+        print(__doc__ + "\nConfig keys (YAML sections, or --section.key=value):" + config_help())
+        sys.exit(0)
+    return args, overrides
+
+
+def main(argv=None) -> int:
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        cfg = load_config(args.config, overrides, world_size=world_size, has_cuda=torch.cuda.is_available())
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        return 2
+    if args.eval_only and not cfg.data.valid_prefix:
+        print(ConfigError(["--eval-only needs data.valid_prefix: set --data.valid_prefix=PREFIX"]), file=sys.stderr)
+        return 2
+
+    from megatron_sft.model.runtime import initialize_distributed, setup_model_parallel, teardown_model_parallel
+    from megatron_sft.training.inputs import DataError
+    from megatron_sft.training.loop import Trainer, TrainingError
+    from megatron_sft.training.metrics import setup_logging
+
+    initialize_distributed()
+    setup_logging(torch.distributed.get_rank())
+    trainer = None
+    try:
+        setup_model_parallel(cfg.parallel, seed=cfg.training.seed)
+        logger.info("resolved config:\n%s", config_to_yaml(cfg))
+        for note in ineffective_settings(cfg):
+            logger.warning("note: %s", note)
+        trainer = Trainer(cfg, eval_only=args.eval_only)
+        if args.eval_only:
+            report = trainer.evaluate()
+            if torch.distributed.get_rank() == 0:
+                print(f"eval_loss={report.loss:.6f} eval_tokens={trainer.last_eval[1]}", flush=True)
+        else:
+            trainer.train()
+        return 0
+    except (DataError, TrainingError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)  # every rank: the failing one may not be rank 0
+        return 1
+    finally:
+        if trainer is not None:
+            trainer.close()
+        teardown_model_parallel()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

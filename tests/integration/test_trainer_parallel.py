@@ -1,0 +1,84 @@
+"""Parallel layouts give the single-process numbers: TP=2, PP=2, TP=2+SP and DP=2 (losses and
+gradient norms for several steps, from the same initial checkpoint); the global batch as
+1 x 8, 8 x 1 and 2 DP x 4 micro-batches; resuming at a different TP."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.integration.trainer_helpers import (conversations, run, train_records, write_config, write_packed)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("parallel")
+    train = write_packed(root / "data" / "train", conversations(48, seed=0), seq_length=256)
+    config = write_config(root / "c.yaml", data={"train_prefix": train},
+                          training={"train_steps": 3, "global_batch_size": 4})
+    # One shared initial checkpoint: random init is not the same across PP layouts.
+    run(config, "--training.train_steps=1", f"--checkpoint.save={root / 'init'}")
+    run(config, f"--checkpoint.pretrained={root / 'init'}", f"--logging.dir={root / 'ref'}")
+    return root, config, train_records(root / "ref")
+
+
+def assert_same_run(records, reference, rel=1e-5):
+    assert [r["step"] for r in records] == [r["step"] for r in reference]
+    for got, ref in zip(records, reference):
+        assert got["loss"] == pytest.approx(ref["loss"], rel=rel), (got, ref)
+        assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=20 * rel), (got, ref)
+        assert got["supervised_tokens"] == ref["supervised_tokens"]
+
+
+@pytest.mark.parametrize("layout", [
+    ["--parallel.tensor_model_parallel_size=2"],
+    ["--parallel.pipeline_model_parallel_size=2"],
+    ["--parallel.tensor_model_parallel_size=2", "--parallel.sequence_parallel=true"],
+    [],  # data parallel 2
+], ids=["tp2", "pp2", "tp2_sp", "dp2"])
+def test_layout_matches_single_process(setup, layout):
+    root, config, reference = setup
+    name = "_".join(a.split(".")[-1] for a in layout) or "dp2"
+    run(config, f"--checkpoint.pretrained={root / 'init'}", f"--logging.dir={root / name}", *layout, nproc=2)
+    assert_same_run(train_records(root / name), reference)
+
+
+def test_global_batch_normalisation_is_layout_independent(tmp_path):
+    """Packs with 1 and 100 supervised tokens: the loss is the mean over all 404 supervised tokens
+    of the global batch whether it runs as 8 micro-batches of 1, 1 of 8, or 2 DP ranks x 4."""
+    convs = []
+    for i in range(8):
+        n_supervised = 100 if i % 2 else 1
+        tokens, _ = conversations(1, seed=i, min_len=120, max_len=120)[0]
+        mask = [0] * (120 - n_supervised) + [1] * n_supervised
+        convs.append((tokens, np.asarray(mask, dtype=np.uint8)))  # n_supervised targets (shifted)
+    train = write_packed(tmp_path / "train", convs, seq_length=128, packs=[[i] for i in range(8)])
+    config = write_config(tmp_path / "c.yaml", data={"train_prefix": train},
+                          training={"train_steps": 2, "global_batch_size": 8, "lr_warmup_steps": 0})
+    run(config, "--training.train_steps=1", f"--checkpoint.save={tmp_path / 'init'}")
+    common = [f"--checkpoint.pretrained={tmp_path / 'init'}"]
+    run(config, *common, "--training.micro_batch_size=1", f"--logging.dir={tmp_path / 'mb1'}")
+    run(config, *common, "--training.micro_batch_size=8", f"--logging.dir={tmp_path / 'mb8'}")
+    run(config, *common, "--training.micro_batch_size=1", f"--logging.dir={tmp_path / 'dp2'}", nproc=2)
+    reference = train_records(tmp_path / "mb1")
+    assert reference[0]["supervised_tokens"] == 4 * 1 + 4 * 100
+    assert_same_run(train_records(tmp_path / "mb8"), reference)
+    assert_same_run(train_records(tmp_path / "dp2"), reference)
+
+
+def test_resume_at_a_different_tensor_parallel_size(setup):
+    root, config, _ = setup
+    straight, first = root / "tp_straight", root / "tp_first"
+    run(config, "--training.train_steps=6", f"--checkpoint.pretrained={root / 'init'}", f"--logging.dir={straight}")
+    run(config, "--training.train_steps=6", f"--checkpoint.pretrained={root / 'init'}",
+        f"--checkpoint.save={first}", "--checkpoint.save_interval_steps=3", "--training.eval_interval_steps=0",
+        "--checkpoint.keep_last=0")
+    (first / "latest_checkpointed_iteration.txt").write_text("3\n")  # as if preempted after step 3
+    resumed = root / "tp_resumed"
+    run(config, "--training.train_steps=6", f"--checkpoint.load={first}", f"--checkpoint.save={resumed}",
+        f"--logging.dir={resumed}", "--parallel.tensor_model_parallel_size=2", nproc=2)
+    got = train_records(resumed)
+    assert [r["step"] for r in got] == [4, 5, 6]
+    assert_same_run(got, train_records(straight)[3:], rel=1e-5)
