@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
+from megatron_sft.launch import slurm_to_torch_env  # noqa: E402
 from megatron_sft.config import (ConfigError, config_help, config_to_yaml, ineffective_settings,  # noqa: E402
                                  load_config)
 
@@ -40,6 +41,11 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        slurm_to_torch_env()  # srun-launched ranks (tools/launch/slurm_sft.sbatch); torchrun sets its own
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         cfg = load_config(args.config, overrides, world_size=world_size, has_cuda=torch.cuda.is_available())
@@ -60,6 +66,10 @@ def main(argv=None) -> int:
     trainer = None
     try:
         setup_model_parallel(cfg.parallel, seed=cfg.training.seed)
+        p = cfg.parallel
+        model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
+        logger.info("world size %d = TP %d x PP %d x CP %d x DP %d", world_size, p.tensor_model_parallel_size,
+                    p.pipeline_model_parallel_size, p.context_parallel_size, world_size // model_parallel)
         logger.info("resolved config:\n%s", config_to_yaml(cfg))
         for note in ineffective_settings(cfg):
             logger.warning("note: %s", note)

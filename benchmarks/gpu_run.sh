@@ -15,7 +15,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
   python3 -c "import torch, transformer_engine, megatron.core as m; print('torch', torch.__version__, 'te', transformer_engine.__version__, 'mcore', m.__version__)"
 } > "$OUT/env.txt" 2>&1
 
-timeout ${GPU_TEST_TIMEOUT:-200} python3 -m pytest -q -m gpu tests/gpu -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1
+timeout ${GPU_TEST_TIMEOUT:-200} python3 -m pytest -q -m gpu ${GPU_TESTS:-tests/gpu} -p no:cacheprovider -rA > "$OUT/gpu_tests.log" 2>&1
 echo "gpu tests rc=$?" >> "$OUT/gpu_tests.log"; tail -3 "$OUT/gpu_tests.log"
 
 D=/tmp/gpudata; rm -rf $D; mkdir -p $D

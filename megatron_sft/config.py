@@ -83,7 +83,8 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = 1
     """Pipeline stages (num_layers must divide by it x virtual size)."""
     virtual_pipeline_model_parallel_size: Optional[int] = None
-    """Model chunks per pipeline stage (interleaved 1F1B); None disables."""
+    """Model chunks per pipeline stage (interleaved 1F1B); None disables. Micro-batches are then
+    padded to one fixed length (the longest micro-batch the data can form)."""
     context_parallel_size: int = 1
     """Context parallel degree (TE backend only); each conversation is padded to 2*CP."""
     sequence_parallel: bool = False
@@ -510,11 +511,6 @@ def _check_model_parallel(cfg, world_size, has_cuda, issues):
     if m.num_attention_heads % groups:
         issues.append(f"model.num_attention_heads={m.num_attention_heads} is not a multiple of "
                       f"model.num_query_groups={groups}: fix the model's GQA groups")
-    if vp is not None and vp > 1:
-        issues.append(f"parallel.virtual_pipeline_model_parallel_size={vp}: interleaved pipelining is not "
-                      "supported yet (Megatron's interleaved schedule gave wrong losses on packed THD "
-                      "micro-batches of varying length in our tests): unset it and use "
-                      "pipeline_model_parallel_size alone")
     if vp is not None and pp < 2:
         issues.append(f"parallel.virtual_pipeline_model_parallel_size={vp} needs "
                       f"parallel.pipeline_model_parallel_size >= 2 (is {pp}): unset it or raise PP")

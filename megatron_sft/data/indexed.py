@@ -243,6 +243,13 @@ class PackedDataset:
         """int64 [num_conversations]: real tokens per conversation, in file order (a copy)."""
         return self._lengths.copy()
 
+    def max_padded_pack_length(self, multiple: int) -> int:
+        """Longest pack once each of its conversations is padded to a multiple of ``multiple``."""
+        if len(self) == 0:
+            return 0
+        padded = -(-self._lengths // multiple) * multiple
+        return int(np.add.reduceat(padded, self._doc_index[:-1]).max())
+
     def __getitem__(self, idx: int) -> dict[str, np.ndarray]:
         if not -len(self) <= idx < len(self):
             raise IndexError(f"pack {idx} out of range for {len(self)} packs")

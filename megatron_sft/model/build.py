@@ -209,6 +209,10 @@ def canonical_sharded_state_dict(chunk: GPTModel, prefix: str = "", **kwargs) ->
     (FP8 metadata, empty without FP8), which the local spec has no counterpart for."""
     from megatron.core.dist_checkpointing.mapping import ShardedBase
 
+    # One entry per global layer number (``decoder.layers.7.…``), not Megatron's default of one
+    # tensor per parameter stacked over this stage's layers: the converter writes this layout, and
+    # per-layer keys reshard across any PP/VP split.
+    kwargs.setdefault("metadata", {"non_homogeneous_layers": True})
     state = chunk.sharded_state_dict(prefix=prefix, **kwargs)
     out = {}
     for name, value in state.items():

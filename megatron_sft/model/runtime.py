@@ -53,6 +53,7 @@ _PATCHED_MODULES = (
     "megatron.core.tensor_parallel.data",
     "megatron.core.models.common.embeddings.rotary_pos_embedding",
     "megatron.core.models.gpt.gpt_model",
+    "megatron.core.models.common.language_module.language_module",
     "megatron.core.transformer.module",
     "megatron.core.transformer.transformer_layer",
     "megatron.core.pipeline_parallel.schedules",
@@ -186,12 +187,29 @@ def _clip_grad_by_total_norm_cpu(parameters, max_norm, total_norm, use_decoupled
     torch._foreach_mul_(grads, clip_coeff)
 
 
+def _on_cpu_tensors(method):
+    """``method`` with ``Tensor.cuda()`` returning the tensor itself while it runs (for Megatron
+    code that moves a tensor with ``.cuda()`` rather than through ``torch.cuda``)."""
+
+    def wrapper(*args, **kwargs):
+        original = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda tensor, *a, **k: tensor
+        try:
+            return method(*args, **kwargs)
+        finally:
+            torch.Tensor.cuda = original
+
+    wrapper.__wrapped__ = method
+    return wrapper
+
+
 def apply_cpu_patches() -> None:
     """Make Megatron-Core 0.19.2 run on CPU (module docstring). Idempotent; a no-op when CUDA is
     available. Process-global: call once per process, after ``initialize_model_parallel``."""
     global _PATCHED
     if _PATCHED or torch.cuda.is_available():
         return
+    from megatron.core.models.common.language_module.language_module import LanguageModule
     from megatron.core.optimizer import optimizer as mcore_optimizer
     from megatron.core.tensor_parallel import random as mpu_random
 
@@ -207,6 +225,8 @@ def apply_cpu_patches() -> None:
     mpu_random._get_cuda_rng_state = _get_rng_state_cpu
     mpu_random._set_cuda_rng_state = _set_rng_state_cpu
     mpu_random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+    # Tied embeddings under PP: the first and last stages' copies are synced with weight.data.cuda().
+    LanguageModule.setup_embeddings_and_output_layer = _on_cpu_tensors(LanguageModule.setup_embeddings_and_output_layer)
     _PATCHED = True
     logger.info("applied the Megatron-Core CPU patches to %d modules", len(_PATCHED_MODULES))
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from megatron_sft.config import SFTConfig, as_list
-from megatron_sft.data.batches import MicroBatch, build_micro_batch
+from megatron_sft.data.batches import MicroBatch, build_micro_batch, padding_multiples
 from megatron_sft.training.sampler import SampleStream, micro_batches, rank_slice
 
 
@@ -80,14 +80,32 @@ def source_offsets(datasets: Sequence) -> List[int]:
     return offsets
 
 
+def fixed_micro_batch_length(datasets: Sequence, cfg: SFTConfig) -> Optional[int]:
+    """Length every micro-batch is padded to, or None when lengths may vary.
+
+    Interleaved pipelines (virtual size > 1) exchange activations of one static shape, so each
+    micro-batch is padded to the longest ``micro_batch_size`` packs of ``datasets`` can get once
+    every conversation is padded for the layout, rounded up to the layout's total multiple."""
+    p = cfg.parallel
+    if (p.virtual_pipeline_model_parallel_size or 1) <= 1:
+        return None
+    conv_multiple, total_multiple = padding_multiples(p.context_parallel_size, p.tensor_model_parallel_size,
+                                                      p.sequence_parallel)
+    longest = max(ds.max_padded_pack_length(conv_multiple) for ds in datasets)
+    length = cfg.training.micro_batch_size * longest
+    return -(-length // total_multiple) * total_multiple
+
+
 @dataclass
 class BatchBuilder:
-    """Builds this rank's micro-batches from (dataset, sample) pairs."""
+    """Builds this rank's micro-batches from (dataset, sample) pairs; ``pad_to_length`` fixes
+    their length (see ``fixed_micro_batch_length``)."""
 
     datasets: Sequence
     offsets: Sequence[int]
     cfg: SFTConfig
     cp_rank: int = 0
+    pad_to_length: Optional[int] = None
 
     def pack(self, dataset_index: int, sample_index: int) -> dict:
         pack = dict(self.datasets[dataset_index][sample_index])
@@ -105,6 +123,7 @@ class BatchBuilder:
             sequence_parallel=p.sequence_parallel,
             context_parallel_size=p.context_parallel_size,
             context_parallel_rank=self.cp_rank,
+            pad_to_length=self.pad_to_length,
         )
         if zero_weight:  # filler so every rank runs the same number of micro-batches
             batch.loss_weight.zero_()

@@ -25,8 +25,8 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_sft.config import SFTConfig, as_list, config_to_yaml
 from megatron_sft.training import checkpoint as ckpt
 from megatron_sft.training.flops import causal_pairs, peak_tflops, step_flops
-from megatron_sft.training.inputs import (BatchBuilder, describe_pack, eval_micro_batches, open_datasets,
-                                          source_names, source_offsets, train_batches)
+from megatron_sft.training.inputs import (BatchBuilder, describe_pack, eval_micro_batches, fixed_micro_batch_length,
+                                          open_datasets, source_names, source_offsets, train_batches)
 from megatron_sft.training.loss import LossReport, make_loss_func, summarize
 from megatron_sft.training.metrics import MetricsWriter, memory_gib
 from megatron_sft.training.model_setup import build_model, load_model_state, model_sharded_state_dict
@@ -54,6 +54,7 @@ class Trainer:
         self.valid_sets = open_datasets(as_list(cfg.data.valid_prefix), cfg, "valid") if cfg.data.valid_prefix else []
         all_sets = self.train_sets or self.valid_sets
         self.data_meta = all_sets[0].meta if all_sets else {}
+        self.fixed_length = fixed_micro_batch_length(self.train_sets + self.valid_sets, cfg)
         self.model = build_model(cfg)
         self.optimizer = None if eval_only else build_optimizer(cfg, self.model)
         self.scheduler = None if eval_only else build_scheduler(cfg, self.optimizer)
@@ -82,7 +83,7 @@ class Trainer:
 
     def _builder(self, datasets) -> BatchBuilder:
         cp_rank = parallel_state.get_context_parallel_rank()
-        return BatchBuilder(datasets, source_offsets(datasets), self.cfg, cp_rank)
+        return BatchBuilder(datasets, source_offsets(datasets), self.cfg, cp_rank, self.fixed_length)
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> str:
@@ -181,7 +182,9 @@ class Trainer:
             return output, make_loss_func(batch.loss_weight, batch.source_index, num_sources, cp_group)
 
         iterators = [iter(micro_batches) for _ in self.model]
-        padded_length = self.cfg.training.micro_batch_size * self.cfg.data.seq_length
+        # Used by the schedule only for fixed-length micro-batches (interleaved pipelines); with
+        # variable lengths the stages exchange shapes first.
+        padded_length = self.fixed_length or self.cfg.training.micro_batch_size * self.cfg.data.seq_length
         return get_forward_backward_func()(
             forward_step_func=forward_step,
             data_iterator=iterators if len(iterators) > 1 else iterators[0],

@@ -96,11 +96,8 @@ def test_sft_from_converted_model_exports_back(tmp_path, tiny_tokenizer_dir):
 
     # Qwen2.5-style (QKV bias, tied embeddings): the most demanding of the key maps.
     build_tiny_hf_model("qwen2", str(tmp_path / "hf"), tokenizer_dir=str(tiny_tokenizer_dir))
-    # The trainer's sharded state dict currently stacks layers (Megatron's default); the
-    # canonical per-layer keys need non_homogeneous_layers=True in model/build.py. Until then
-    # the pretrained checkpoint is written in the layout the trainer reads.
     _run([sys.executable, "tools/convert_hf_to_megatron.py", "--hf", str(tmp_path / "hf"),
-          "--out", str(tmp_path / "converted"), "--layer-layout", "stacked", "--no-progress"])
+          "--out", str(tmp_path / "converted"), "--no-progress"])
     template = tmp_path / "train_template.jinja"
     template.write_text(SYSTEM_PREFIX + CHATML_TEMPLATE)
     _run([sys.executable, "tools/preprocess_data.py", "--input", "examples/data/sample_conversations.jsonl",

@@ -66,8 +66,10 @@ def test_packed_thd_equals_each_conversation_alone(tmp_path):
 def test_reference_checkpoint_has_canonical_te_keys(reference):
     _, ref = reference
     keys = ref["checkpoint_keys"]
-    assert "decoder.layers.self_attention.linear_qkv.layer_norm_weight" in keys
-    assert "decoder.layers.mlp.linear_fc1.layer_norm_weight" in keys
+    # one entry per global layer (non_homogeneous_layers), the layout the converter writes
+    assert "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight" in keys
+    assert "decoder.layers.1.mlp.linear_fc1.layer_norm_weight" in keys
+    assert "decoder.layers.self_attention.linear_qkv.weight" not in keys
     assert not [k for k in keys if "input_layernorm" in k or "pre_mlp_layernorm" in k or "_extra_state" in k]
     assert ref["losses"][0] == pytest.approx(6.24, abs=0.1)  # ~ln(512): a random model
 

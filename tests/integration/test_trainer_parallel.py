@@ -1,4 +1,4 @@
-"""Parallel layouts give the single-process numbers: TP=2, PP=2, TP=2+SP and DP=2 (losses and
+"""Parallel layouts give the single-process numbers: TP=2, PP=2, PP=2 x VP=2, TP=2+SP and DP=2 (losses and
 gradient norms for several steps, from the same initial checkpoint); the global batch as
 1 x 8, 8 x 1 and 2 DP x 4 micro-batches; resuming at a different TP."""
 
@@ -35,9 +35,10 @@ def assert_same_run(records, reference, rel=1e-5):
 @pytest.mark.parametrize("layout", [
     ["--parallel.tensor_model_parallel_size=2"],
     ["--parallel.pipeline_model_parallel_size=2"],
+    ["--parallel.pipeline_model_parallel_size=2", "--parallel.virtual_pipeline_model_parallel_size=2"],
     ["--parallel.tensor_model_parallel_size=2", "--parallel.sequence_parallel=true"],
     [],  # data parallel 2
-], ids=["tp2", "pp2", "tp2_sp", "dp2"])
+], ids=["tp2", "pp2", "pp2_vp2", "tp2_sp", "dp2"])
 def test_layout_matches_single_process(setup, layout):
     root, config, reference = setup
     name = "_".join(a.split(".")[-1] for a in layout) or "dp2"
@@ -82,3 +83,16 @@ def test_resume_at_a_different_tensor_parallel_size(setup):
     got = train_records(resumed)
     assert [r["step"] for r in got] == [4, 5, 6]
     assert_same_run(got, train_records(straight)[3:], rel=1e-5)
+
+
+def test_tied_embeddings_across_pipeline_stages(tmp_path):
+    """Tied input/output embeddings (Qwen2.5-small style) with PP=2: the first and last stages
+    hold copies kept equal by Megatron; losses and grad norms match one process."""
+    train = write_packed(tmp_path / "train", conversations(32, seed=4), seq_length=256)
+    config = write_config(tmp_path / "c.yaml", model={"untie_embeddings_and_output_weights": False},
+                          data={"train_prefix": train}, training={"train_steps": 3})
+    run(config, "--training.train_steps=1", f"--checkpoint.save={tmp_path / 'init'}")
+    common = [f"--checkpoint.pretrained={tmp_path / 'init'}"]
+    run(config, *common, f"--logging.dir={tmp_path / 'ref'}")
+    run(config, *common, f"--logging.dir={tmp_path / 'pp2'}", "--parallel.pipeline_model_parallel_size=2", nproc=2)
+    assert_same_run(train_records(tmp_path / "pp2"), train_records(tmp_path / "ref"))
