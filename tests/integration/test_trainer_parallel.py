@@ -69,17 +69,22 @@ def test_global_batch_normalisation_is_layout_independent(tmp_path):
     assert_same_run(train_records(tmp_path / "dp2"), reference)
 
 
-def test_resume_at_a_different_tensor_parallel_size(setup):
+@pytest.mark.parametrize("layout", ["--parallel.tensor_model_parallel_size=2", "--parallel.pipeline_model_parallel_size=2"],
+                         ids=["tp2", "pp2"])
+def test_resume_at_a_different_parallel_layout(setup, layout):
+    """Saved by one process, resumed at TP=2 or PP=2 (model, optimizer state, schedule, data
+    position): the last three steps equal the straight single-process run's."""
     root, config, _ = setup
     straight, first = root / "tp_straight", root / "tp_first"
-    run(config, "--training.train_steps=6", f"--checkpoint.pretrained={root / 'init'}", f"--logging.dir={straight}")
-    run(config, "--training.train_steps=6", f"--checkpoint.pretrained={root / 'init'}",
-        f"--checkpoint.save={first}", "--checkpoint.save_interval_steps=3", "--training.eval_interval_steps=0",
-        "--checkpoint.keep_last=0")
-    (first / "latest_checkpointed_iteration.txt").write_text("3\n")  # as if preempted after step 3
-    resumed = root / "tp_resumed"
+    if not (first / "latest_checkpointed_iteration.txt").exists():  # shared by both layouts
+        run(config, "--training.train_steps=6", f"--checkpoint.pretrained={root / 'init'}", f"--logging.dir={straight}")
+        run(config, "--training.train_steps=6", f"--checkpoint.pretrained={root / 'init'}",
+            f"--checkpoint.save={first}", "--checkpoint.save_interval_steps=3", "--training.eval_interval_steps=0",
+            "--checkpoint.keep_last=0")
+        (first / "latest_checkpointed_iteration.txt").write_text("3\n")  # as if preempted after step 3
+    resumed = root / f"resumed_{layout.split('.')[-1]}"
     run(config, "--training.train_steps=6", f"--checkpoint.load={first}", f"--checkpoint.save={resumed}",
-        f"--logging.dir={resumed}", "--parallel.tensor_model_parallel_size=2", nproc=2)
+        f"--logging.dir={resumed}", layout, nproc=2)
     got = train_records(resumed)
     assert [r["step"] for r in got] == [4, 5, 6]
     assert_same_run(got, train_records(straight)[3:], rel=1e-5)
