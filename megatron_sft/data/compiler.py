@@ -134,10 +134,26 @@ class _Item:
 # ---------------------------------------------------------------- tokenizer and workers
 
 
+_PROBE_TEXT = "Hello, world! The answer is 42."
+
+
 def load_tokenizer(name_or_path: str):
+    """``AutoTokenizer.from_pretrained``, refusing a tokenizer that cannot encode text: a folder
+    holding only ``tokenizer_config.json`` (no vocabulary files) loads in transformers as a
+    tokenizer of a handful of special tokens that maps every word to ``<unk>``."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    ids = tokenizer(_PROBE_TEXT, add_special_tokens=False)["input_ids"]
+    unk = tokenizer.unk_token_id
+    if not ids or (unk is not None and sum(i == unk for i in ids) * 2 >= len(ids)):
+        raise CompileError(
+            f"tokenizer {name_or_path} has {len(tokenizer)} tokens and encodes {_PROBE_TEXT!r} as {ids} "
+            "(unknown tokens): its vocabulary files (tokenizer.json, or vocab/merges or tokenizer.model) "
+            "are missing; point --tokenizer at a complete tokenizer (a template-only folder goes to "
+            "--chat-template)"
+        )
+    return tokenizer
 
 
 def resolve_chat_template(tokenizer, template_path: str | None) -> str:

@@ -194,6 +194,17 @@ def test_no_chat_template(tmp_path, tiny_tokenizer_dir, data):
     assert not (tmp_path / "out").exists() or os.listdir(tmp_path / "out") == []
 
 
+def test_tokenizer_without_vocabulary_files_is_refused(tmp_path, data):
+    """A template-only folder (tokenizer_config.json, no vocabulary) loads in transformers as a
+    7-token Gemma tokenizer mapping every word to <unk>: refused before anything is encoded."""
+    from tests.conftest import fixture_path
+
+    folder = fixture_path("tokenizers", "gemma-2-it")  # skips when the fixtures are absent
+    with pytest.raises(CompileError, match="unknown tokens.*vocabulary files"):
+        compile_dataset(_config(tmp_path, folder, [data]))
+    assert not (tmp_path / "out").exists() or os.listdir(tmp_path / "out") == []
+
+
 def _many_records(tmp_path, name, count, offset=0):
     rng = np.random.default_rng(offset)
     lines = []
