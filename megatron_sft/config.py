@@ -87,6 +87,10 @@ class ParallelConfig:
     padded to one fixed length (the longest micro-batch the data can form)."""
     context_parallel_size: int = 1
     """Context parallel degree (TE backend only); each conversation is padded to 2*CP."""
+    context_parallel_comm_type: Literal["p2p", "a2a", "all_gather"] = "p2p"
+    """How CP ranks exchange keys/values (Megatron's ``cp_comm_type``): ``p2p`` ring (overlaps
+    with compute), ``a2a`` all-to-all over heads (Ulysses style: attention heads / TP must divide
+    by CP), ``all_gather``. Which ones TE supports for THD depends on its version."""
     sequence_parallel: bool = False
     """Shard activations outside attention/MLP across TP ranks (needs TP > 1)."""
     use_distributed_optimizer: bool = False
@@ -518,6 +522,11 @@ def _check_model_parallel(cfg, world_size, has_cuda, issues):
     if stages >= 1 and m.num_layers % stages:
         issues.append(f"model.num_layers={m.num_layers} is not divisible by pipeline stages x virtual "
                       f"chunks = {pp} x {vp or 1}: pick PP/VP whose product divides num_layers")
+    if p.context_parallel_size > 1 and p.context_parallel_comm_type == "a2a" and \
+            tp >= 1 and (m.num_attention_heads // tp) % p.context_parallel_size:
+        issues.append(f"parallel.context_parallel_comm_type='a2a' splits the {m.num_attention_heads // tp} attention "
+                      f"heads per TP rank over context_parallel_size={p.context_parallel_size} ranks, which does "
+                      "not divide them: use p2p or a CP size that divides the heads per TP rank")
     if p.sequence_parallel and tp < 2:
         issues.append("parallel.sequence_parallel=true needs parallel.tensor_model_parallel_size >= 2: "
                       "set --parallel.sequence_parallel=false or raise TP")

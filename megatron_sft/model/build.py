@@ -78,6 +78,7 @@ def transformer_config_from(
         pipeline_model_parallel_size=parallel_cfg.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=parallel_cfg.virtual_pipeline_model_parallel_size,
         context_parallel_size=parallel_cfg.context_parallel_size,
+        cp_comm_type=parallel_cfg.context_parallel_comm_type if parallel_cfg.context_parallel_size > 1 else None,
         sequence_parallel=parallel_cfg.sequence_parallel,
         calculate_per_token_loss=True,
         # Packed micro-batches differ in length: pipeline stages exchange shapes first (Megatron

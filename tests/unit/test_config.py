@@ -118,6 +118,9 @@ def test_bad_combinations_all_reported_with_key_value_and_fix(tmp_path):
     (["--data.train_weights=[1, 2]"], "data.train_weights has 2 entries for 1 train prefixes"),
     (["--training.micro_batch_size=0"], "training.micro_batch_size=0: must be >= 1"),
     (["--model.attention_backend=flash"], "model.attention_backend='flash'"),
+    (["--parallel.context_parallel_size=3", "--model.attention_backend=te", "--parallel.context_parallel_comm_type=a2a"],
+     "context_parallel_comm_type='a2a' splits the 4 attention heads per TP rank over context_parallel_size=3"),
+    (["--parallel.context_parallel_comm_type=ring"], "parallel.context_parallel_comm_type"),
 ])
 def test_each_combination_check(tmp_path, overrides, fragment):
     issues = issues_of(tmp_path, overrides, world_size=1, has_cuda=False)

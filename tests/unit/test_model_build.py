@@ -46,6 +46,9 @@ def test_transformer_config_from():
     assert cfg.recompute_granularity == "full" and cfg.bias_dropout_fusion
     assert cfg.use_cpu_initialization == (not torch.cuda.is_available())
     assert transformer_config_from(MODEL, ParallelConfig(), bf16=True, params_dtype=torch.bfloat16).bf16
+    assert cfg.cp_comm_type is None  # no context parallelism
+    a2a = ParallelConfig(context_parallel_size=2, context_parallel_comm_type="a2a")
+    assert transformer_config_from(MODEL, a2a).cp_comm_type == "a2a"
 
 
 def test_canonical_key():
