@@ -243,7 +243,7 @@ class TokenIndex:
     def __init__(self, offsets: np.ndarray):
         self.starts, self.ends = offsets[:, 0], offsets[:, 1]
         self.width = self.ends > self.starts
-        self.monotone = bool(np.all(self.starts[1:] >= self.starts[:-1]) and np.all(self.ends[1:] >= self.ends[:-1]))
+        self.monotone = bool(np.all(offsets[1:] >= offsets[:-1]))  # starts and ends both non-decreasing
 
     def cover(self, intervals: list[tuple[int, int]]) -> np.ndarray:
         n = len(self.starts)

@@ -239,6 +239,35 @@ def test_marker_sensitive_template_uses_per_message_fallback(tiny_tokenizer):
     assert runs == ["Hi friend!<|im_end|>"]
 
 
+def test_template_reacting_to_marked_text_is_refused(tiny_tokenizer):
+    # The markers make content.startswith(...) false, which changes how ANOTHER message renders
+    # (Qwen3 picks which turns keep their reasoning this way): that render is never taken for the
+    # real one, and since marking the user message alone changes it too, there is no mask.
+    template = ("{% set ns = namespace(tool=false) %}{% for m in messages %}"
+                "{% if m.role == 'user' and m.content.startswith('<tool_response>') %}{% set ns.tool = true %}"
+                "{% endif %}{% endfor %}{% for m in messages %}<|im_start|>{{ m.role }}\n"
+                "{% if m.role == 'assistant' and ns.tool %}T: {% endif %}{{ m.content }}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    chat = [{"role": "user", "content": "<tool_response>20 C</tool_response>"}, {"role": "assistant", "content": "Warm."}]
+    with pytest.raises(MaskError) as err:
+        ChatMasker(tiny_tokenizer, chat_template=template).encode(chat)
+    assert err.value.reason == "span_not_found" and "message 0 (user)" in err.value.detail
+    plain = [{"role": "user", "content": "20 C"}, chat[1]]
+    _, runs = encode_and_runs(tiny_tokenizer, plain, chat_template=template)
+    assert runs == ["Warm.<|im_end|>"]
+
+
+def test_backend_truncation_is_not_applied(tiny_tokenizer_dir):
+    # Truncation left enabled on the backend by other code never shortens the ids.
+    tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+    masker = ChatMasker(tok)
+    masker.render_check_every = 1000
+    full = masker.encode(AGENT_CHAT, tools=TOOLS).input_ids.tolist()
+    tok._tokenizer.enable_truncation(max_length=8)
+    assert masker.encode(AGENT_CHAT, tools=TOOLS).input_ids.tolist() == full
+    assert len(full) > 8
+
+
 # --- errors ------------------------------------------------------------------------------------
 
 def test_bad_mode_is_value_error(tiny_tokenizer):
