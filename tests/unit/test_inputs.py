@@ -1,0 +1,46 @@
+"""Fixed-length micro-batches for interleaved pipelines: the length fits every micro-batch the
+data can form for the layout (CP / SP padding included) and is a multiple of the layout's total."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from megatron_sft.config import DataConfig, ModelConfig, ParallelConfig, SFTConfig, TrainingConfig
+from megatron_sft.data import PackedDataset
+from megatron_sft.data.batches import padding_multiples
+from megatron_sft.training.inputs import BatchBuilder, fixed_micro_batch_length
+from tests.integration.trainer_helpers import conversations, write_packed
+
+
+def _cfg(parallel: ParallelConfig, micro_batch_size: int) -> SFTConfig:
+    return SFTConfig(model=ModelConfig(num_layers=4, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
+                                       vocab_size=128, max_position_embeddings=512),
+                     data=DataConfig(train_prefix="unused", seq_length=256),
+                     training=TrainingConfig(global_batch_size=4, train_steps=1, micro_batch_size=micro_batch_size),
+                     parallel=parallel)
+
+
+def test_no_fixed_length_without_virtual_pipeline(tmp_path):
+    ds = PackedDataset(write_packed(tmp_path / "d", conversations(10, seed=0), seq_length=256))
+    assert fixed_micro_batch_length([ds], _cfg(ParallelConfig(pipeline_model_parallel_size=2), 1)) is None
+
+
+@pytest.mark.parametrize("cp, tp, sp, mbs", [(1, 1, False, 1), (2, 1, False, 1), (4, 1, False, 2), (1, 2, True, 1),
+                                             (2, 2, True, 2)])
+def test_fixed_length_fits_every_micro_batch(tmp_path, cp, tp, sp, mbs):
+    # many short conversations per pack: per-conversation padding adds up
+    ds = PackedDataset(write_packed(tmp_path / "d", conversations(60, seed=1, min_len=5, max_len=30), seq_length=256))
+    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=2,
+                              virtual_pipeline_model_parallel_size=2, context_parallel_size=cp, sequence_parallel=sp)
+    cfg = _cfg(parallel, mbs)
+    length = fixed_micro_batch_length([ds], cfg)
+    _, total_multiple = padding_multiples(cp, tp, sp)
+    assert length % total_multiple == 0 and length >= mbs * max(len(ds[i]["tokens"]) for i in range(len(ds)))
+    builder = BatchBuilder([ds], [0], cfg, cp_rank=0, pad_to_length=length)
+    sizes = set()
+    for group in itertools.combinations(range(len(ds)), mbs):
+        batch = builder.micro_batch([(0, i) for i in group])
+        sizes.add(batch.tokens.numel())
+    assert sizes == {length // cp}  # every CP rank holds length / CP tokens, whatever the packs
