@@ -67,9 +67,8 @@ def main(argv=None) -> int:
     try:
         setup_model_parallel(cfg.parallel, seed=cfg.training.seed)
         p = cfg.parallel
-        model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
         logger.info("world size %d = TP %d x PP %d x CP %d x DP %d", world_size, p.tensor_model_parallel_size,
-                    p.pipeline_model_parallel_size, p.context_parallel_size, world_size // model_parallel)
+                    p.pipeline_model_parallel_size, p.context_parallel_size, world_size // p.model_parallel_size)
         logger.info("resolved config:\n%s", config_to_yaml(cfg))
         for note in ineffective_settings(cfg):
             logger.warning("note: %s", note)

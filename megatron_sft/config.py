@@ -96,6 +96,11 @@ class ParallelConfig:
     use_distributed_optimizer: bool = False
     """Shard optimizer state across data-parallel ranks (GPU only)."""
 
+    @property
+    def model_parallel_size(self) -> int:
+        """Processes holding one model replica: TP x PP x CP (data parallel = world / this)."""
+        return self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.context_parallel_size
+
 
 @dataclass
 class DataConfig:
@@ -530,7 +535,7 @@ def _check_model_parallel(cfg, world_size, has_cuda, issues):
     if p.sequence_parallel and tp < 2:
         issues.append("parallel.sequence_parallel=true needs parallel.tensor_model_parallel_size >= 2: "
                       "set --parallel.sequence_parallel=false or raise TP")
-    model_parallel = tp * pp * p.context_parallel_size
+    model_parallel = p.model_parallel_size
     if model_parallel >= 1 and world_size % model_parallel:
         issues.append(f"world size {world_size} is not divisible by TP x PP x CP = {tp} x {pp} x "
                       f"{p.context_parallel_size}: launch a multiple of {model_parallel} processes")
@@ -538,7 +543,7 @@ def _check_model_parallel(cfg, world_size, has_cuda, issues):
 
 def _check_batch(cfg, world_size, has_cuda, issues):
     t, p = cfg.training, cfg.parallel
-    model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
+    model_parallel = p.model_parallel_size
     if model_parallel >= 1 and world_size % model_parallel == 0 and t.micro_batch_size >= 1:
         dp = world_size // model_parallel
         if t.global_batch_size % (t.micro_batch_size * dp):

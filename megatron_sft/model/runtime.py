@@ -53,7 +53,6 @@ _PATCHED_MODULES = (
     "megatron.core.tensor_parallel.data",
     "megatron.core.models.common.embeddings.rotary_pos_embedding",
     "megatron.core.models.gpt.gpt_model",
-    "megatron.core.models.common.language_module.language_module",
     "megatron.core.transformer.module",
     "megatron.core.transformer.transformer_layer",
     "megatron.core.pipeline_parallel.schedules",
@@ -257,11 +256,7 @@ def setup_model_parallel(parallel_cfg: ParallelConfig, *, seed: int = 1234) -> N
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     world = torch.distributed.get_world_size()
-    model_parallel = (
-        parallel_cfg.tensor_model_parallel_size
-        * parallel_cfg.pipeline_model_parallel_size
-        * parallel_cfg.context_parallel_size
-    )
+    model_parallel = parallel_cfg.model_parallel_size
     if world % model_parallel:
         raise ValueError(
             f"world size {world} does not divide by tensor x pipeline x context parallel = "
