@@ -30,3 +30,21 @@ def test_several_tasks_without_master_addr_is_an_error():
     env = {k: v for k, v in SRUN.items() if k != "MASTER_ADDR"}
     with pytest.raises(ValueError, match="MASTER_ADDR"):
         slurm_to_torch_env(env)
+
+
+def test_srun_step_without_rank_variables_is_an_error():
+    env = {k: v for k, v in SRUN.items() if k != "SLURM_PROCID"}
+    with pytest.raises(ValueError, match="SLURM_PROCID"):
+        slurm_to_torch_env(env)
+    assert "RANK" not in env
+
+
+def test_pretrain_sft_exits_2_on_a_broken_srun_environment(monkeypatch, capsys):
+    import pretrain_sft
+
+    for name, value in SRUN.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("SLURM_PROCID")
+    monkeypatch.delenv("RANK", raising=False)
+    assert pretrain_sft.main(["--config", "unused.yaml"]) == 2
+    assert "SLURM_PROCID" in capsys.readouterr().err
