@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install megatron-sft and its dependencies into the current Python environment.
 #   bash install.sh          # runtime dependencies
-#   bash install.sh --test   # plus what the test suite needs (pytest, pyarrow, datasets, tensorboard)
+#   bash install.sh --test   # plus what the test suite needs (pytest, pyarrow, datasets, tensorboard),
+#                            # at the versions in constraints-test.txt (what CI runs with)
 #   bash install.sh --te     # plus Transformer Engine (GPU machines with CUDA)
 # Works on Python 3.11 and 3.12. megatron-core 0.19 declares Python >= 3.12, but its cp311 wheel
 # runs fine on 3.11, so it is installed first without the Python check; pip then finds the
@@ -11,9 +12,10 @@ cd "$(dirname "${BASH_SOURCE[0]}")"
 PY=${PYTHON:-python3}
 MCORE_VERSION=0.19.2
 extras=()
+constraints=()
 for arg in "$@"; do
   case "$arg" in
-    --test) extras+=(test) ;;
+    --test) extras+=(test); constraints=(-c constraints-test.txt) ;;
     --te) extras+=(te) ;;
     *) echo "install.sh: unknown option '$arg' (use --test and/or --te)" >&2; exit 2 ;;
   esac
@@ -36,5 +38,5 @@ fi
 spec="."
 if [ ${#extras[@]} -gt 0 ]; then spec=".[$(IFS=,; echo "${extras[*]}")]"; fi
 echo "[install] megatron-sft $spec"
-pip_install -e "$spec"
+pip_install ${constraints[@]+"${constraints[@]}"} -e "$spec"
 "$PY" -c "import megatron_sft.mcore as m, torch; print(f'[install] ok: torch {torch.__version__}, megatron-core {m.MCORE_VERSION}')"

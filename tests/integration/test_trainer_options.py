@@ -1,4 +1,5 @@
-"""Options that must not change the numbers (data-loader workers, activation recompute) and
+"""Options that must not change the numbers (data-loader workers, activation recompute, the LM
+head over every position or in small chunks) and
 those that change what is reported (mixtures with weights, per-source losses, loss modes)."""
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ def setup(tmp_path_factory):
 
 
 def losses(records):
-    return [(r["step"], r["loss"], r["grad_norm"]) for r in records]
+    """Flat [step, loss, grad_norm, step, ...]: pytest.approx compares flat sequences only."""
+    return [float(value) for r in records for value in (r["step"], r["loss"], r["grad_norm"])]
 
 
 @pytest.mark.parametrize("option", [
@@ -29,7 +31,9 @@ def losses(records):
     ["--training.recompute_granularity=full", "--training.recompute_method=uniform",
      "--training.recompute_num_layers=1"],
     ["--training.recompute_granularity=selective"],
-], ids=["workers", "full_recompute", "selective_recompute"])
+    ["--training.lm_head=full"],  # the reference runs the default: supervised positions only, chunked
+    ["--training.lm_head_chunk_tokens=5"],
+], ids=["workers", "full_recompute", "selective_recompute", "full_lm_head", "small_lm_head_chunks"])
 def test_option_keeps_the_numbers(setup, option):
     root, config, _, _, reference = setup
     name = option[0].split(".")[-1].replace("=", "_")
