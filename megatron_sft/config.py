@@ -157,6 +157,21 @@ class TrainingConfig:
     loss_normalization: Literal["token", "turn", "sequence"] = "token"
     """Weight of each supervised token: ``token`` every token equal; ``turn`` every assistant turn
     equal; ``sequence`` every conversation equal. The loss is sum(w * ce) / sum(w) over the global batch."""
+    lm_head: Literal["supervised", "full"] = "supervised"
+    """Where logits are computed: ``supervised`` only at positions with a target, chunk by chunk
+    with the gradient taken in the same pass (memory O(lm_head_chunk_tokens x vocab), not
+    O(sequence x vocab)); ``full`` Megatron's output layer and cross-entropy at every position.
+    Same loss and gradients either way."""
+    lm_head_chunk_tokens: int = 4096
+    """With lm_head=supervised: positions per chunk (its fp32 logits take chunk x vocab/TP x 4 bytes)."""
+    fused_kernels: bool = True
+    """On GPU: Megatron's fused SwiGLU (bias_activation_fusion), fused RoPE (apply_rope_fusion),
+    fused cross-entropy (lm_head=full) and, with the te backend, the weight gradient accumulated
+    straight into the fp32 main grad (gradient_accumulation_fusion). No effect on CPU."""
+    fp8: Optional[Literal["tensorwise", "delayed", "blockwise", "mxfp8"]] = None
+    """FP8 matmuls in the transformer layers (Transformer Engine, te backend, Hopper or newer) with
+    this scaling recipe (Megatron's fp8_recipe; format hybrid: e4m3 forward, e5m2 gradients).
+    Embedding, LM head and attention stay bf16. None = bf16 only."""
     recompute_granularity: Literal["none", "selective", "full"] = "none"
     """Activation recomputation: ``selective`` recomputes core attention, ``full`` whole layers."""
     recompute_method: Optional[Literal["uniform", "block"]] = None
@@ -577,6 +592,14 @@ def _check_devices(cfg, world_size, has_cuda, issues):
                 issues.append(f"{key}={str(value).lower()} is not supported on CPU: set --{key}={fix}")
         if backend == "te":
             issues.append("model.attention_backend='te' needs a GPU: use --model.attention_backend=torch")
+    if t.fp8 is not None:
+        te_ok = has_cuda and backend in ("te", "auto")
+        if not te_ok or not t.bf16:
+            issues.append(f"training.fp8={t.fp8!r} needs a GPU, the te attention backend and training.bf16=true "
+                          f"(here: {'GPU' if has_cuda else 'no GPU'}, attention_backend={backend!r}, bf16={t.bf16}): "
+                          "unset training.fp8 or train on a Hopper-class GPU with --training.bf16=true")
+    if t.lm_head_chunk_tokens < 1:
+        issues.append(f"training.lm_head_chunk_tokens={t.lm_head_chunk_tokens}: must be >= 1")
     if t.recompute_granularity == "full" and (t.recompute_method is None or t.recompute_num_layers is None):
         issues.append("training.recompute_granularity='full' needs training.recompute_method (uniform|block) "
                       "and training.recompute_num_layers: set both (e.g. uniform and 1)")
@@ -634,6 +657,8 @@ def ineffective_settings(cfg: "SFTConfig") -> List[str]:
         notes.append("no logging.dir and no checkpoint.save: metrics go to the console only")
     if t.lr_decay_style == "constant" and (t.min_lr or t.lr_decay_steps is not None):
         notes.append("training.min_lr/lr_decay_steps have no effect with lr_decay_style=constant")
+    if t.lm_head == "full" and t.lm_head_chunk_tokens != TrainingConfig.lm_head_chunk_tokens:
+        notes.append("training.lm_head_chunk_tokens has no effect with training.lm_head=full")
     if cfg.data.train_weights is not None and len(as_list(cfg.data.train_prefix)) == 1:
         notes.append("data.train_weights has no effect with a single train prefix")
     return notes

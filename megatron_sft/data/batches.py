@@ -57,6 +57,11 @@ class MicroBatch:
     num_real_tokens: int
     num_targets: int
 
+    def model_labels(self) -> torch.Tensor:
+        """Labels safe to give the model's own cross-entropy: IGNORE_INDEX replaced by token 0
+        (those positions have weight 0, so their loss never counts)."""
+        return self.labels.clamp(min=0)
+
     def to(self, device) -> "MicroBatch":
         """Copy of this batch on ``device`` (cu_seqlens included)."""
         psp = self.packed_seq_params
@@ -77,15 +82,17 @@ class MicroBatch:
 
 
 def padding_multiples(
-    context_parallel_size: int = 1, tensor_model_parallel_size: int = 1, sequence_parallel: bool = False
+    context_parallel_size: int = 1, tensor_model_parallel_size: int = 1, sequence_parallel: bool = False,
+    rank_token_multiple: int = 1,
 ) -> tuple[int, int]:
-    """``(conversation_multiple, total_multiple)`` for a parallel layout (module docstring)."""
+    """``(conversation_multiple, total_multiple)`` for a parallel layout (module docstring).
+    ``rank_token_multiple``: each CP rank's token count must also divide by it (FP8 GEMMs need 16)."""
     cp2 = 2 * context_parallel_size if context_parallel_size > 1 else 1
     tp = tensor_model_parallel_size if sequence_parallel else 1
     conv = math.lcm(cp2, tp)
     # Trailing padding is added to the last conversation, so the total stays a multiple of
     # ``conv``; each CP rank holds total / CP tokens, which sequence parallel splits across TP.
-    return conv, math.lcm(conv, context_parallel_size * tp)
+    return conv, math.lcm(conv, context_parallel_size * tp, context_parallel_size * rank_token_multiple)
 
 
 def cp_partition_indices(cu_seqlens_padded: np.ndarray, total_length: int, cp_size: int, cp_rank: int) -> np.ndarray:
@@ -142,6 +149,7 @@ def build_micro_batch(
     context_parallel_size: int = 1,
     context_parallel_rank: int = 0,
     pad_to_length: Optional[int] = None,
+    rank_token_multiple: int = 1,
 ) -> MicroBatch:
     """Concatenate ``packs`` (``micro_batch_size`` of them) into one THD micro-batch.
 
@@ -149,13 +157,14 @@ def build_micro_batch(
     ``loss_mode``: ``token`` | ``turn`` | ``sequence`` (``megatron_sft.data.labels``).
     ``pad_to_length``: fixed total length (static shapes; required with interleaved pipelines):
     a multiple of the layout's total multiple, ValueError when the padded packs do not fit.
+    ``rank_token_multiple``: pad so each CP rank's token count divides by it (FP8: 16).
     Returns the ``context_parallel_rank``'s slice when CP > 1."""
     if not packs:
         raise ValueError("a micro-batch needs at least one pack")
     from megatron.core.packed_seq_params import PackedSeqParams
 
     conv_multiple, total_multiple = padding_multiples(
-        context_parallel_size, tensor_model_parallel_size, sequence_parallel
+        context_parallel_size, tensor_model_parallel_size, sequence_parallel, rank_token_multiple
     )
     pieces = {"tokens": [], "labels": [], "weight": [], "position": [], "source": []}
     real_lengths, padded_lengths = [], []

@@ -7,6 +7,7 @@ whatever the backend: ``canonical_sharded_state_dict``.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Mapping, Optional
 
 import torch
@@ -141,6 +142,36 @@ def build_gpt_model(
             "only llama3 is"
         )
     config = transformer_config or transformer_config_from(model_cfg, parallel_cfg)
+    with _output_layer_without_apex(config) as patched:
+        model = _gpt_model(model_cfg, config, backend, pre_process, post_process, vp_stage)
+    if patched and getattr(model, "output_layer", None) is not None:
+        model.output_layer.gradient_accumulation_fusion = False
+    _apply_rope_scaling(model, model_cfg, config)
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    return model
+
+
+@contextlib.contextmanager
+def _output_layer_without_apex(config: TransformerConfig):
+    """With ``gradient_accumulation_fusion`` (TE layers accumulate weight gradients straight into
+    the fp32 main grad), Megatron's output layer refuses to be built unless Apex's
+    ``fused_weight_gradient_mlp_cuda`` is installed, although only the output layer would use it.
+    Build it anyway (yields True then) and the caller turns the fusion off for the output layer
+    alone: the transformer layers keep TE's fused path; the output layer takes plain autograd."""
+    from megatron.core.tensor_parallel import layers
+
+    if not config.gradient_accumulation_fusion or layers._grad_accum_fusion_available:
+        yield False
+        return
+    layers._grad_accum_fusion_available = True
+    try:
+        yield True
+    finally:
+        layers._grad_accum_fusion_available = False
+
+
+def _gpt_model(model_cfg, config, backend, pre_process, post_process, vp_stage) -> GPTModel:
     model = GPTModel(
         config=config,
         transformer_layer_spec=get_block_spec(model_cfg, backend, config, vp_stage=vp_stage),
@@ -156,9 +187,6 @@ def build_gpt_model(
         rope_scaling_factor=model_cfg.rope_scaling.factor if model_cfg.rope_scaling else 8.0,
         vp_stage=vp_stage,
     )
-    _apply_rope_scaling(model, model_cfg, config)
-    if torch.cuda.is_available():
-        model.cuda(torch.cuda.current_device())
     return model
 
 

@@ -80,6 +80,15 @@ def source_offsets(datasets: Sequence) -> List[int]:
     return offsets
 
 
+FP8_TOKEN_MULTIPLE = 16
+"""Transformer Engine's FP8 GEMMs need the token dimension to divide by 16."""
+
+
+def rank_token_multiple(cfg: SFTConfig) -> int:
+    """What each rank's token count must divide by beyond the parallel layout (FP8: 16)."""
+    return FP8_TOKEN_MULTIPLE if cfg.training.fp8 else 1
+
+
 def fixed_micro_batch_length(datasets: Sequence, cfg: SFTConfig) -> Optional[int]:
     """Length every micro-batch is padded to, or None when lengths may vary.
 
@@ -90,7 +99,7 @@ def fixed_micro_batch_length(datasets: Sequence, cfg: SFTConfig) -> Optional[int
     if (p.virtual_pipeline_model_parallel_size or 1) <= 1:
         return None
     conv_multiple, total_multiple = padding_multiples(p.context_parallel_size, p.tensor_model_parallel_size,
-                                                      p.sequence_parallel)
+                                                      p.sequence_parallel, rank_token_multiple(cfg))
     longest = max(ds.max_padded_pack_length(conv_multiple) for ds in datasets)
     length = cfg.training.micro_batch_size * longest
     return -(-length // total_multiple) * total_multiple
@@ -124,6 +133,7 @@ class BatchBuilder:
             context_parallel_size=p.context_parallel_size,
             context_parallel_rank=self.cp_rank,
             pad_to_length=self.pad_to_length,
+            rank_token_multiple=rank_token_multiple(self.cfg),
         )
         if zero_weight:  # filler so every rank runs the same number of micro-batches
             batch.loss_weight.zero_()

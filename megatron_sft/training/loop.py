@@ -23,6 +23,7 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_sft.config import SFTConfig, as_list, config_to_yaml
+from megatron_sft.model.lm_head import SupervisedTargets, supervised_head_loss
 from megatron_sft.training import checkpoint as ckpt
 from megatron_sft.training.flops import causal_pairs, peak_tflops, step_flops
 from megatron_sft.training.inputs import (BatchBuilder, describe_pack, eval_micro_batches, fixed_micro_batch_length,
@@ -173,13 +174,21 @@ class Trainer:
     def _forward_backward(self, micro_batches, num_sources: int, forward_only: bool) -> list:
         """Megatron's schedule over ``micro_batches``; returns the last stage's loss reports."""
         num_sources = max(num_sources, 1)
-        device, cp_group = self.device, self.cp_group
+        device, cp_group, t = self.device, self.cp_group, self.cfg.training
 
         def forward_step(data_iterator, model):
-            batch = next(data_iterator).to(device)
-            output = model(batch.tokens, batch.position_ids, None, labels=batch.labels.clamp(min=0),
-                           packed_seq_params=batch.packed_seq_params)
-            return output, make_loss_func(batch.loss_weight, batch.source_index, num_sources, cp_group)
+            cpu_batch = next(data_iterator)
+            batch = cpu_batch.to(device)
+            if t.lm_head == "full":
+                output = model(batch.tokens, batch.position_ids, None, labels=batch.model_labels(),
+                               packed_seq_params=batch.packed_seq_params)
+                return output, make_loss_func(batch.loss_weight, batch.source_index, num_sources, cp_group)
+            # Logits only where there is a target; positions found on the CPU copy (no host sync).
+            targets = SupervisedTargets.from_batch(cpu_batch.labels, cpu_batch.loss_weight, cpu_batch.source_index,
+                                                   t.lm_head_chunk_tokens).to(device)
+            output = model(batch.tokens, batch.position_ids, None, packed_seq_params=batch.packed_seq_params,
+                           output_processor=supervised_head_loss, output_processor_context=targets)
+            return output, make_loss_func(targets.loss_weight, targets.source_index, num_sources, cp_group)
 
         iterators = [iter(micro_batches) for _ in self.model]
         # Used by the schedule only for fixed-length micro-batches (interleaved pipelines); with

@@ -76,12 +76,22 @@ def sft_loss_func(
 ):
     """Megatron loss function (bind the keywords with ``functools.partial``).
 
+    ``output_tensor``: the model's per-token loss ``[b, s]`` (``training.lm_head: full``; weights
+    and sources ``[b, s]`` too), or ``(loss_sum, token_loss)`` from the supervised head
+    (``megatron_sft.model.lm_head``: ``loss_sum`` differentiable, ``token_loss`` ``[n]`` at the
+    target positions only; weights and sources ``[n]`` for the same positions).
+
     Returns ``(loss_sum, count, {"sums": report})`` where ``count`` is the int32 whole-number
     weight of this micro-batch. Under context parallelism a turn may be split across CP ranks, so
     the count is summed over the CP group and returned by CP rank 0 only (Megatron all-reduces
     the counts over DP x CP; the loss sums stay local to each CP shard, as their gradients do).
     """
+    head_loss_sum = None
+    if isinstance(output_tensor, (tuple, list)):
+        head_loss_sum, output_tensor = output_tensor
     loss_sum, weight_sum, per_source = weighted_loss_sums(output_tensor, loss_weight, source_index, num_sources)
+    if head_loss_sum is not None:
+        loss_sum = head_loss_sum  # the same number, carrying the head's gradient
     count = weight_sum.detach().clone()
     if cp_group is not None and dist.get_world_size(cp_group) > 1:
         dist.all_reduce(count, group=cp_group)

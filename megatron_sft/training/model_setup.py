@@ -24,6 +24,7 @@ def build_model(cfg: SFTConfig) -> List[torch.nn.Module]:
     """DDP-wrapped model chunks (one per virtual pipeline stage) on this rank's device."""
     t = cfg.training
     full = t.recompute_granularity == "full"
+    backend = resolve_attention_backend(cfg.model.attention_backend)
     transformer_config = model_build.transformer_config_from(
         cfg.model, cfg.parallel,
         params_dtype=torch.bfloat16 if t.bf16 else torch.float32,
@@ -31,8 +32,8 @@ def build_model(cfg: SFTConfig) -> List[torch.nn.Module]:
         recompute_granularity=None if t.recompute_granularity == "none" else t.recompute_granularity,
         recompute_method=t.recompute_method if full else None,
         recompute_num_layers=t.recompute_num_layers if full else None,
+        overrides=speed_overrides(cfg, backend),
     )
-    backend = resolve_attention_backend(cfg.model.attention_backend)
     chunks = model_build.build_model_chunks(cfg.model, cfg.parallel, backend=backend,
                                             transformer_config=transformer_config)
     if t.bf16:
@@ -47,6 +48,23 @@ def build_model(cfg: SFTConfig) -> List[torch.nn.Module]:
                                 disable_bucketing=i > 0)
         for i, chunk in enumerate(chunks)
     ]
+
+
+def speed_overrides(cfg: SFTConfig, backend: str) -> dict:
+    """TransformerConfig fields for ``training.fused_kernels`` and ``training.fp8`` (GPU only).
+
+    Fused RoPE and the fused wgrad accumulation are Transformer Engine kernels, so they need the
+    te backend; fused SwiGLU and cross-entropy are Megatron's own (torch.jit / Triton-free)."""
+    t, out = cfg.training, {}
+    if not torch.cuda.is_available():
+        return out
+    if t.fused_kernels:
+        out.update(bias_activation_fusion=True, cross_entropy_loss_fusion=t.lm_head == "full")
+        if backend == "te":
+            out.update(apply_rope_fusion=True, gradient_accumulation_fusion=True)
+    if t.fp8:
+        out.update(fp8="hybrid", fp8_recipe=t.fp8)
+    return out
 
 
 def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:

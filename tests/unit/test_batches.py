@@ -173,3 +173,16 @@ def test_errors_name_the_pack():
 def test_to_device_roundtrip():
     mb = build_micro_batch([make_pack([3, 4])], seq_length=8).to("cpu")
     assert mb.packed_seq_params.cu_seqlens_kv_padded.tolist() == [0, 3, 7]
+
+
+def test_rank_token_multiple_pads_each_cp_rank():
+    """FP8 GEMMs need every rank's token count to divide by 16: the total is padded for it."""
+    assert padding_multiples(1, 1, False, 16) == (1, 16)
+    assert padding_multiples(2, 2, True, 16) == (4, 32)
+    pack = {"tokens": np.arange(1, 20, dtype=np.int32), "loss_mask": np.ones(19, dtype=np.uint8),
+            "cu_seqlens": np.array([0, 7, 19], dtype=np.int32), "source_index": np.zeros(2, dtype=np.int64)}
+    mb = build_micro_batch([pack], seq_length=64, rank_token_multiple=16)
+    assert mb.tokens.shape[1] == 32 and mb.num_real_tokens == 19
+    halves = [build_micro_batch([pack], seq_length=64, context_parallel_size=2, context_parallel_rank=r,
+                                rank_token_multiple=16) for r in range(2)]
+    assert [h.tokens.shape[1] for h in halves] == [16, 16]

@@ -175,3 +175,21 @@ def test_shipped_yaml_configs_load(name):
         p.get("context_parallel_size", 1)
     cfg = load_config(str(path), world_size=max(8, model_parallel) if gpu else 1, has_cuda=gpu)
     assert config_to_dict(cfg)["model"]["num_layers"] >= 1
+
+
+def test_fp8_needs_gpu_te_and_bf16(tmp_path):
+    issues = issues_of(tmp_path, ["--training.fp8=tensorwise"])
+    assert any("training.fp8='tensorwise' needs a GPU" in i and "bf16=False" in i for i in issues), issues
+    issues = issues_of(tmp_path, ["--training.fp8=delayed", "--training.bf16=true", "--model.attention_backend=torch"],
+                       has_cuda=True)
+    assert any("training.fp8='delayed'" in i and "attention_backend='torch'" in i for i in issues), issues
+    cfg = load_config(write(tmp_path), ["--training.fp8=blockwise", "--training.bf16=true"], has_cuda=True)
+    assert cfg.training.fp8 == "blockwise"
+    assert "training.fp8" in " ".join(issues_of(tmp_path, ["--training.fp8=e5m2"]))  # not a recipe
+
+
+def test_lm_head_options(tmp_path):
+    cfg = load_config(write(tmp_path))
+    assert cfg.training.lm_head == "supervised" and cfg.training.lm_head_chunk_tokens == 4096
+    assert any("lm_head_chunk_tokens=0" in i for i in issues_of(tmp_path, ["--training.lm_head_chunk_tokens=0"]))
+    assert any("training.lm_head" in i for i in issues_of(tmp_path, ["--training.lm_head=sparse"]))
