@@ -2,7 +2,16 @@
 r"""Supervised fine-tuning on packed chat data with Megatron-Core.
 
     torchrun --nproc-per-node 8 pretrain_sft.py --config yaml_configs/llama3.1_8b_32k.yaml \
-        [--section.key=value ...] [--eval-only]
+        [--config more.yaml ...] [--section.key=value ...] [--eval-only]
+    python pretrain_sft.py --config yaml_configs/recipes/sft_converted_1gpu.yaml \
+        --checkpoint.pretrained=CONVERTED --data.train_prefix=data/sft
+
+How the config is composed, later wins key by key (sections merge; a list or scalar is replaced
+whole): each ``--config`` file in the order given, then the ``--section.key=value`` overrides.
+When ``checkpoint.pretrained`` is a converted model (``tools/convert_hf_to_megatron.py`` output)
+or a trainer checkpoint, its config.yaml gives the model section, so a recipe needs no
+``model:``; a model value also given explicitly must equal it (except ``attention_backend`` and
+``max_position_embeddings``). Unknown keys are errors naming their file and dotted key.
 
 ``--help`` lists every config key with its docstring. ``--eval-only`` prints exactly one line,
 ``eval_loss=<float> eval_tokens=<int>``, for the checkpoint in ``checkpoint.load`` (or
@@ -29,7 +38,8 @@ logger = logging.getLogger("megatron_sft")
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=False)
-    parser.add_argument("--config", help="YAML file with the config sections")
+    parser.add_argument("--config", action="append", default=[],
+                        help="YAML file with config sections; repeat it to layer files (later ones win)")
     parser.add_argument("--eval-only", action="store_true", help="only compute the validation loss")
     parser.add_argument("-h", "--help", action="store_true")
     args, overrides = parser.parse_known_args(argv)

@@ -8,9 +8,11 @@ own ``TransformerConfig`` is never re-declared here: it is built by one pure fun
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
 import difflib
 import inspect
+import os
 import textwrap
 import typing
 from dataclasses import dataclass, field
@@ -54,7 +56,8 @@ class ModelConfig:
     kv_channels: Optional[int] = None
     """Per-head dimension; None means hidden_size // num_attention_heads."""
     max_position_embeddings: int = 4096
-    """Longest sequence RoPE is prepared for."""
+    """Longest sequence RoPE is prepared for. A run choice (no weight depends on it): may differ
+    from the model section of ``checkpoint.pretrained``, e.g. to fine-tune at a longer context."""
     rotary_base: float = 10000.0
     """RoPE theta."""
     rope_scaling: Optional[RopeScalingConfig] = None
@@ -71,7 +74,8 @@ class ModelConfig:
     """Std of the normal init used when training starts from random weights."""
     attention_backend: str = "auto"
     """Core attention: ``te`` (Transformer Engine, THD, CP), ``torch`` (ours: varlen on CUDA,
-    per-segment SDPA on CPU) or ``auto`` (``te`` when importable on a GPU, else ``torch``)."""
+    per-segment SDPA on CPU) or ``auto`` (``te`` when importable on a GPU, else ``torch``).
+    A run choice: may differ from the model section of ``checkpoint.pretrained``."""
 
 
 @dataclass
@@ -199,8 +203,12 @@ class CheckpointConfig:
     """Resume from the latest checkpoint in this directory (model, optimizer, schedule, data
     position, RNG). Where it holds none yet, training starts from ``pretrained`` or from scratch."""
     pretrained: Optional[str] = None
-    """Checkpoint directory to take the model weights from (e.g. a converted HF model); only used
-    when there is nothing to resume from ``load``."""
+    """Checkpoint directory to take the model from: a converted HF model
+    (``tools/convert_hf_to_megatron.py`` output), a trainer save dir (its latest iteration) or one
+    ``iter_*`` dir. Its config.yaml's ``model:`` section is the model section (a config may then
+    omit ``model:``; a model value given explicitly must equal it, except the run choices
+    ``attention_backend`` and ``max_position_embeddings``). Its weights are loaded when there is
+    nothing to resume from ``load``."""
     save_interval_steps: int = 0
     """Save every this many steps; 0 saves only at the end (and on SIGTERM)."""
     save_on_sigterm: bool = True
@@ -220,14 +228,19 @@ class LoggingConfig:
     """Print and record the metrics every this many steps."""
     tensorboard: bool = True
     """Also write TensorBoard events (when the tensorboard package is installed)."""
+    wandb_project: Optional[str] = None
+    """Also log every metrics record to this Weights & Biases project (rank 0; the run is named
+    after the metrics directory). Needs ``pip install wandb``; None: no W&B."""
 
 
 @dataclass
 class SFTConfig:
-    """The whole run: one YAML file with these sections, overridable as ``--section.key=value``."""
+    """The whole run: YAML files with these sections (``--config`` repeated: later files override
+    earlier ones key by key), then ``--section.key=value`` overrides, then the model section of
+    ``checkpoint.pretrained`` (see there)."""
 
     model: ModelConfig
-    """The decoder architecture."""
+    """The decoder architecture (may be omitted when ``checkpoint.pretrained`` holds a config.yaml)."""
     data: DataConfig
     """Training and validation data."""
     training: TrainingConfig
@@ -258,32 +271,180 @@ _INVALID = object()  # a value that failed conversion (already reported)
 
 
 def load_config(
-    path: Optional[str],
+    paths: Union[str, Sequence[str], None],
     overrides: Sequence[str] = (),
     *,
     world_size: int = 1,
     has_cuda: bool = False,
 ) -> "SFTConfig":
-    """Read ``path`` (YAML), apply ``--section.key=value`` overrides, build the typed tree and check
-    it for a job of ``world_size`` processes. Raises ConfigError listing every issue at once."""
+    """Compose the run's config and check it for a job of ``world_size`` processes.
+
+    Order, later wins key by key (sections merge, a list or scalar is replaced whole): the YAML
+    files ``paths`` in the order given (a base recipe, then files of overrides), then the
+    ``--section.key=value`` ``overrides``. Then, when ``checkpoint.pretrained`` holds a config.yaml
+    (a converted HF model or a trainer checkpoint), its ``model:`` section fills the model section;
+    a model value also given explicitly must equal it (``RUN_CHOICE_MODEL_KEYS`` excepted).
+    Raises ConfigError listing every issue at once (unknown keys name their file)."""
     issues: List[str] = []
-    raw: dict = {}
-    if path is not None:
-        try:
-            with open(path) as f:
-                raw = yaml.safe_load(f) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise ConfigError([f"cannot read config file {path}: {e}"]) from e
-        if not isinstance(raw, dict):
-            raise ConfigError([f"{path}: top level must be a mapping of sections, got {type(raw).__name__}"])
+    paths = [paths] if isinstance(paths, str) else list(paths or [])
+    layers = [(path, _read_yaml(path, issues)) for path in paths]
+    if issues:  # an unreadable file: what is missing from it would be reported as noise
+        raise ConfigError(issues)
+    cli: dict = {}
     for dotted, value in parse_overrides(overrides, issues):
-        _set_dotted(raw, dotted, value, issues)
-    cfg = _build(SFTConfig, raw, "", issues)
+        _set_dotted(cli, dotted, value, issues)
+    layers.append(("the command line", cli))
+    raw: dict = {}
+    origin: Dict[str, str] = {}  # dotted key -> the file (or command line) that set it last
+    for source, layer in layers:
+        layer = _known_keys(SFTConfig, layer, "", source, issues)
+        _deep_merge(raw, layer)
+        origin.update(dict.fromkeys(_leaf_paths(layer), source))
+    if raw.get("model", {}) is None:  # ``model: null`` (e.g. in an overlay) means "no model section"
+        del raw["model"]
+    model_missing = not _take_pretrained_model(raw, origin, issues) and "model" not in raw
+    build_issues: List[str] = []
+    cfg = _build(SFTConfig, raw, "", build_issues)
+    if model_missing:  # already reported once with its fix, not once per required model key
+        build_issues = [i for i in build_issues if not i.startswith("missing required key 'model.")]
+    issues.extend(build_issues)
     if not issues:  # cross-field checks need every field well typed
         issues.extend(check_config(cfg, world_size=world_size, has_cuda=has_cuda))
     if issues:
         raise ConfigError(issues)
     return cfg
+
+
+def _read_yaml(path: str, issues: List[str]) -> dict:
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as e:
+        issues.append(f"cannot read config file {path}: {e}")
+        return {}
+    if not isinstance(raw, dict):
+        issues.append(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
+        return {}
+    return raw
+
+
+def _known_keys(cls, raw: object, prefix: str, source: str, issues: List[str]) -> object:
+    """``raw`` without the keys dataclass ``cls`` lacks (at any depth), each reported as coming
+    from ``source`` (a file path or the command line). Values are left for ``_build`` to check."""
+    if not isinstance(raw, dict):
+        return raw
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for key, value in raw.items():
+        if key not in hints:
+            issues.append(f"{source}: {_unknown_key(prefix, key, list(hints))}")
+            continue
+        section = next((t for t in (hints[key], *typing.get_args(hints[key])) if dataclasses.is_dataclass(t)), None)
+        out[key] = _known_keys(section, value, f"{prefix}{key}.", source, issues) if section else value
+    return out
+
+
+def _unknown_key(prefix: str, key: object, known: List[str]) -> str:
+    close = difflib.get_close_matches(str(key), known, n=1)
+    hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(known)}"
+    return f"unknown key '{prefix}{key}'{hint}"
+
+
+def _deep_merge(base: dict, layer: dict) -> None:
+    """Merge ``layer`` into ``base`` in place: mappings key by key, anything else replaced whole."""
+    for key, value in layer.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_merge(base[key], value)
+        else:
+            base[key] = copy.deepcopy(value)
+
+
+def _leaf_paths(raw: dict, prefix: str = ""):
+    for key, value in raw.items():
+        if isinstance(value, dict) and value:
+            yield from _leaf_paths(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}"
+
+
+# --------------------------------------------------------------------------------------------
+# The model section of checkpoint.pretrained (a converted HF model or a trainer checkpoint).
+# --------------------------------------------------------------------------------------------
+
+RUN_CHOICE_MODEL_KEYS = ("attention_backend", "max_position_embeddings")
+"""Model keys that no weight depends on: a config may set them differently from the checkpoint's."""
+
+
+def pretrained_config_file(directory: str) -> Optional[str]:
+    """The config.yaml describing checkpoint ``directory``, or None: a converted dir and an
+    ``iter_*`` dir hold one; a trainer save dir holds one in its latest iteration (the layout of
+    ``megatron_sft.training.checkpoint``, read here without importing Megatron)."""
+    pointer = os.path.join(directory, "latest_checkpointed_iteration.txt")
+    if os.path.isfile(pointer):
+        with open(pointer) as f:
+            text = f.read().strip()
+        if text.isdigit():  # a bad pointer is the trainer's error to report, with its fix
+            directory = os.path.join(directory, f"iter_{int(text):07d}")
+    path = os.path.join(directory, "config.yaml")
+    return path if os.path.isfile(path) else None
+
+
+def _take_pretrained_model(raw: dict, origin: Dict[str, str], issues: List[str]) -> bool:
+    """Fill ``raw["model"]`` from ``checkpoint.pretrained``'s config.yaml, reporting every
+    explicit model value that differs from it. True when the model section came from there."""
+    checkpoint = raw.get("checkpoint")
+    pretrained = checkpoint.get("pretrained") if isinstance(checkpoint, dict) else None
+    explicit = raw.get("model", {})
+    if not pretrained and "model" not in raw:
+        issues.append("no model section: give model: in a --config file, or --checkpoint.pretrained=DIR of a "
+                      "converted model (tools/convert_hf_to_megatron.py writes DIR/config.yaml)")
+    if not isinstance(pretrained, str) or not pretrained or not isinstance(explicit, dict):
+        return False  # nothing to take (a wrong type is reported by _build)
+    path = pretrained_config_file(pretrained)
+    if path is None:
+        required = {f.name for f in dataclasses.fields(ModelConfig) if f.default is dataclasses.MISSING}
+        if not required <= set(explicit):
+            why = "does not exist" if not os.path.isdir(pretrained) else "holds no config.yaml"
+            issues.append(f"checkpoint.pretrained={pretrained} {why}, so it cannot give the model section: point it "
+                          "at a tools/convert_hf_to_megatron.py output (or a trainer checkpoint), or give model:")
+        return False
+    read_issues: List[str] = []
+    section = _read_yaml(path, read_issues).get("model")
+    if read_issues or not isinstance(section, dict):
+        issues.extend(read_issues or [f"{path} (checkpoint.pretrained) has no model: section: re-convert the "
+                                      "model, or give model:"])
+        return False
+    section = _known_keys(ModelConfig, section, "model.", path, issues)
+    merged = copy.deepcopy(section)
+    _deep_merge(merged, explicit)
+    issues.extend(_model_conflicts(section, merged, explicit, origin, path))
+    raw["model"] = merged
+    return True
+
+
+def _model_conflicts(section: dict, merged: dict, explicit: dict, origin: Dict[str, str], path: str) -> List[str]:
+    """Each model key given explicitly whose (typed) value differs from the checkpoint's."""
+    hints = typing.get_type_hints(ModelConfig)
+    conflicts = []
+    for key in section:
+        if key in RUN_CHOICE_MODEL_KEYS or key not in explicit:
+            continue
+        scratch: List[str] = []  # a value of the wrong type is reported once, by _build
+        theirs = _convert(hints[key], section[key], f"model.{key}", scratch)
+        ours = _convert(hints[key], merged[key], f"model.{key}", scratch)
+        if scratch or theirs == ours:
+            continue
+        dotted = f"model.{key}"
+        where = origin.get(dotted) or next((s for k, s in origin.items() if k.startswith(dotted + ".")), "config")
+        conflicts.append(
+            f"{dotted}={_plain(ours)!r} ({where}) conflicts with {_plain(theirs)!r} in {path}, the model of "
+            f"checkpoint.pretrained: remove {dotted} from {where} (the model section comes from the checkpoint), "
+            "or point checkpoint.pretrained at the model you mean")
+    return conflicts
+
+
+def _plain(value):
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
 
 
 def parse_overrides(args: Sequence[str], issues: List[str]) -> List[Tuple[str, object]]:
@@ -335,10 +496,8 @@ def _build(cls, raw: object, prefix: str, issues: List[str]):
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
-        if key not in known:
-            close = difflib.get_close_matches(str(key), list(known), n=1)
-            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(known)}"
-            issues.append(f"unknown key '{prefix}{key}'{hint}")
+        if key not in known:  # load_config drops these first, naming their file
+            issues.append(_unknown_key(prefix, key, list(known)))
     kwargs = {}
     for name, f in known.items():
         dotted = f"{prefix}{name}"

@@ -25,7 +25,8 @@ def main(argv=None) -> int:
                         help="save dir (uses latest_checkpointed_iteration.txt), iter_* dir or converted dir")
     parser.add_argument("--out", required=True, help="output HF directory (must be new or empty)")
     parser.add_argument("--tokenizer", default=None,
-                        help="tokenizer to ship (default: the training data's, else the converted one)")
+                        help="tokenizer to ship, a folder or hub name (default: the training data's, "
+                             "else the converted one)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="cast weights (default: keep the checkpoint's dtype)")
     parser.add_argument("--max-shard-gb", type=float, default=5.0, help="safetensors shard size")

@@ -1,9 +1,11 @@
 """The two conversions as library functions (the tools/ CLIs are thin wrappers).
 
-HF -> Megatron writes ``OUT/``::
+HF -> Megatron reads a local HF folder or a hub name (``megatron_sft.hub.resolve_hf_dir``) and
+writes ``OUT/``::
 
     metadata.json, .metadata, *.distcp   dist checkpoint, the model under key "model"
-    config.yaml                          ``model:`` section (a ModelConfig), pair with yaml_configs
+    config.yaml                          ``model:`` section (a ModelConfig): the trainer takes it
+                                         from here with ``--checkpoint.pretrained=OUT``
     hf_config.json, hf_generation_config.json   the source model's, used again on export
     tokenizer/                           the source model's tokenizer files, verbatim
 
@@ -28,6 +30,7 @@ from tqdm import tqdm
 
 from megatron_sft.config import ModelConfig, RopeScalingConfig
 from megatron_sft.conversion import dist_io, hf_io
+from megatron_sft.hub import HubError, resolve_hf_dir
 from megatron_sft.conversion.common import (
     Architecture,
     ConcreteRule,
@@ -66,21 +69,23 @@ def parallel_problems(cfg: ModelConfig, tp: int, pp: int) -> List[str]:
 def hf_to_megatron(hf_dir, out_dir, *, tensor_model_parallel_size: int = 1,
                    pipeline_model_parallel_size: int = 1, dtype: Optional[str] = None,
                    layer_layout: str = "per-layer", progress: bool = True) -> ModelConfig:
-    """Convert the HF checkpoint ``hf_dir`` into a Megatron dist checkpoint ``out_dir``.
+    """Convert the HF checkpoint ``hf_dir`` (a folder or a hub name) into a Megatron dist
+    checkpoint ``out_dir``.
 
     Tensors keep their dtype unless ``dtype`` (bf16|fp16|fp32) is given. Streaming: one HF tensor
     group is read at a time; the converted model is held once (dist_checkpointing saves it whole).
     ``layer_layout``: see :func:`dist_io.save_model` (``per-layer`` is the canonical one).
     """
-    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    source, out_dir = str(hf_dir), Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):  # fail before a download
+        raise ConversionError(f"{out_dir} exists and is not empty; choose a new --out directory")
+    hf_dir = Path(_resolve(source, "model"))
     hf_config = hf_io.read_json(hf_dir / "config.json", "HF config.json")
     arch = architecture_for(hf_config)
     cfg = arch.to_model_config(hf_config)
     problems = parallel_problems(cfg, tensor_model_parallel_size, pipeline_model_parallel_size)
     if problems:
         raise ConversionError("cannot use the requested layout:\n  - " + "\n  - ".join(problems))
-    if out_dir.exists() and any(out_dir.iterdir()):  # fail before the long part
-        raise ConversionError(f"{out_dir} exists and is not empty; choose a new --out directory")
     reader = hf_io.SafetensorsReader(hf_dir)
     rules = arch.rules(cfg)
     _check_hf_keys(arch, rules, reader.keys(), hf_dir)
@@ -100,9 +105,17 @@ def hf_to_megatron(hf_dir, out_dir, *, tensor_model_parallel_size: int = 1,
         _copy_json(hf_dir / "config.json", tmp / HF_CONFIG)
         if (hf_dir / "generation_config.json").is_file():
             _copy_json(hf_dir / "generation_config.json", tmp / HF_GENERATION_CONFIG)
-        (tmp / CONFIG_YAML).write_text(
-            config_yaml(cfg, arch, tensor_model_parallel_size, pipeline_model_parallel_size, out_dir, layer_layout))
+        (tmp / CONFIG_YAML).write_text(config_yaml(cfg, arch, tensor_model_parallel_size,
+                                                   pipeline_model_parallel_size, out_dir, layer_layout, source))
     return cfg
+
+
+def _resolve(name_or_path: str, files: str) -> str:
+    """A local folder or hub name -> a local folder (megatron_sft.hub), as a ConversionError."""
+    try:
+        return resolve_hf_dir(name_or_path, files=files)
+    except HubError as err:
+        raise ConversionError(str(err)) from err
 
 
 @contextlib.contextmanager
@@ -138,17 +151,15 @@ def _copy_json(src: Path, dst: Path) -> None:
 
 
 def config_yaml(cfg: ModelConfig, arch: Architecture, tp: int, pp: int, out_dir: Path,
-                layer_layout: str = "per-layer") -> str:
+                layer_layout: str = "per-layer", source: Optional[str] = None) -> str:
     """The ``model:`` section for the converted checkpoint, with a note on how to use it."""
-    configs = Path(__file__).resolve().parents[2] / "yaml_configs"
-    family = "qwen" if arch.model_type.startswith("qwen") else "llama"
-    examples = sorted(p.name for p in configs.glob(f"{family}*.yaml")) if configs.is_dir() else []
     header = (
-        f"# Converted from a Hugging Face {arch.hf_architecture} checkpoint ({layer_layout} layer keys).\n"
-        "# Use this model: section in place of the one in a training config from yaml_configs/"
-        + (f"\n# (closest: {', '.join(examples)})" if examples else "") + ", keep that file's\n"
-        "# attention_backend (te on GPUs), and set checkpoint.pretrained to this directory:\n"
-        f"#   checkpoint:\n#     pretrained: {out_dir}\n"
+        f"# Converted from the Hugging Face {arch.hf_architecture} checkpoint {source or ''} "
+        f"({layer_layout} layer keys).\n"
+        "# The trainer takes this model: section from here; a recipe needs none (an explicit model value\n"
+        "# must equal this one, except attention_backend and max_position_embeddings):\n"
+        "#   python pretrain_sft.py --config yaml_configs/recipes/sft_converted_1gpu.yaml \\\n"
+        f"#       --checkpoint.pretrained={out_dir} --data.train_prefix=PREFIX\n"
         f"# Checked layout: tensor_model_parallel_size={tp}, pipeline_model_parallel_size={pp} (the\n"
         "# checkpoint itself loads at any TP/PP). Tokenizer for preprocess_data.py: tokenizer/ here.\n"
     )
@@ -278,9 +289,9 @@ def _hf_config(base: dict, arch: Architecture, cfg: ModelConfig, dtypes: set) ->
 
 
 def _load_tokenizer(tokenizer: Optional[str], ckpt: Path, origin: List[Path]):
-    """(tokenizer, training data meta). Source, first found: ``tokenizer``; the training data
-    meta's tokenizer when it is an existing folder; the converted checkpoint's tokenizer/ folder;
-    the data meta's tokenizer as a name."""
+    """(tokenizer, training data meta). Source, first found: ``tokenizer`` (a folder or hub name);
+    the training data meta's tokenizer when it is an existing folder; the converted checkpoint's
+    tokenizer/ folder; the data meta's tokenizer as a hub name."""
     from transformers import AutoTokenizer
 
     meta_path = _find_file(DATA_META, [ckpt, ckpt.parent])
@@ -294,8 +305,9 @@ def _load_tokenizer(tokenizer: Optional[str], ckpt: Path, origin: List[Path]):
         raise ConversionError(
             f"no tokenizer for {ckpt}: no data_meta.json and no converted tokenizer/ folder found; "
             "pass --tokenizer PATH")
+    folder = _resolve(source, "tokenizer")
     try:
-        tok = AutoTokenizer.from_pretrained(source)
+        tok = AutoTokenizer.from_pretrained(folder)
     except Exception as err:
         raise ConversionError(f"cannot load tokenizer {source}: {err}; pass --tokenizer PATH") from err
     return tok, meta

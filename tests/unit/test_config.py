@@ -193,3 +193,192 @@ def test_lm_head_options(tmp_path):
     assert cfg.training.lm_head == "supervised" and cfg.training.lm_head_chunk_tokens == 4096
     assert any("lm_head_chunk_tokens=0" in i for i in issues_of(tmp_path, ["--training.lm_head_chunk_tokens=0"]))
     assert any("training.lm_head" in i for i in issues_of(tmp_path, ["--training.lm_head=sparse"]))
+
+
+# ------------------------------------------------------------------ layered files (--config A --config B)
+
+OVERLAY = textwrap.dedent("""
+    training:
+      lr: 3.0e-4
+      clip_grad: 1.0
+    data:
+      train_prefix: [/data/a, /data/b]
+      valid_prefix: null
+    """)
+
+
+def test_later_files_override_key_by_key_then_the_command_line(tmp_path):
+    base, overlay = write(tmp_path), write(tmp_path, OVERLAY, "overlay.yaml")
+    cfg = load_config([base, overlay], ["--training.clip_grad=0.5"])
+    assert cfg.training.lr == pytest.approx(3e-4)          # from the overlay
+    assert cfg.training.train_steps == 10                   # the base's training keys survive the merge
+    assert cfg.training.clip_grad == 0.5                    # the command line comes last
+    assert cfg.data.train_prefix == ["/data/a", "/data/b"]  # a list is replaced whole
+    assert cfg.data.valid_prefix is None and cfg.data.seq_length == 512  # null replaces, siblings stay
+    assert load_config([overlay, base]).training.clip_grad == 0.0  # order matters: the base given last wins
+    assert load_config(base).training.lr == load_config([base]).training.lr  # one path as before
+
+
+def test_unknown_keys_in_any_file_name_the_file_and_dotted_path(tmp_path):
+    base = write(tmp_path, BASE + "  lrr: 1\n")
+    overlay = write(tmp_path, "model:\n  rope_scaling:\n    factr: 2\nloging:\n  dir: x\n", "overlay.yaml")
+    issues = issues_of_paths([base, overlay], ["--data.sed=3"])
+    assert f"{base}: unknown key 'training.lrr'; did you mean 'training.lr'?" in issues
+    assert f"{overlay}: unknown key 'model.rope_scaling.factr'; did you mean 'model.rope_scaling.factor'?" in issues
+    assert f"{overlay}: unknown key 'loging'; did you mean 'logging'?" in issues
+    assert "the command line: unknown key 'data.sed'; did you mean 'data.seed'?" in issues
+    assert len(issues) == 4
+
+
+def test_every_unreadable_file_is_reported(tmp_path):
+    bad = write(tmp_path, "training: [1, 2", "bad.yaml")
+    listed = write(tmp_path, "- a\n- b\n", "list.yaml")
+    issues = issues_of_paths([write(tmp_path), bad, str(tmp_path / "missing.yaml"), listed])
+    assert len(issues) == 3 and any(i.startswith(f"cannot read config file {bad}") for i in issues)
+    assert any("missing.yaml" in i for i in issues) and f"{listed}: top level must be a mapping" in issues[2]
+
+
+def issues_of_paths(paths, overrides=(), **kwargs):
+    with pytest.raises(ConfigError) as err:
+        load_config(paths, overrides, **kwargs)
+    return err.value.issues
+
+
+# ------------------------------------------------------------------ model section from checkpoint.pretrained
+
+RECIPE = BASE[BASE.index("data:"):]  # data + training only, like yaml_configs/recipes/
+CONVERTED_MODEL = dict(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, vocab_size=512,
+                       num_query_groups=2, max_position_embeddings=1024, rotary_base=1000000.0, norm_epsilon=1e-6,
+                       add_qkv_bias=True, untie_embeddings_and_output_weights=False, attention_backend="auto")
+
+
+def converted_dir(tmp_path, model=None, name="converted") -> Path:
+    """A directory shaped like tools/convert_hf_to_megatron.py output (config.yaml next to the
+    dist checkpoint), with every ModelConfig field written as the converter does."""
+    from megatron_sft.config import ModelConfig
+
+    out = tmp_path / name
+    out.mkdir()
+    section = dataclasses.asdict(ModelConfig(**(model or CONVERTED_MODEL)))
+    (out / "config.yaml").write_text("# Converted from ...\n" + yaml.safe_dump({"model": section}, sort_keys=False))
+    (out / "metadata.json").write_text("{}")
+    return out
+
+
+def test_recipe_without_model_takes_it_from_the_converted_checkpoint(tmp_path):
+    assert "model:" not in RECIPE
+    ckpt = converted_dir(tmp_path)
+    cfg = load_config(write(tmp_path, RECIPE), [f"--checkpoint.pretrained={ckpt}"])
+    assert cfg.model.num_layers == 2 and cfg.model.add_qkv_bias and not cfg.model.untie_embeddings_and_output_weights
+    assert cfg.model.rotary_base == 1e6 and cfg.model.attention_backend == "auto"
+    # Also when pretrained is set in a file, and from a trainer save dir (its latest iteration's config.yaml).
+    save = tmp_path / "save"
+    (save / "iter_0000003").mkdir(parents=True)
+    (save / "iter_0000003" / "config.yaml").write_text(
+        yaml.safe_dump({"model": {**CONVERTED_MODEL, "num_layers": 6}, "data": {"seq_length": 1}}))
+    (save / "latest_checkpointed_iteration.txt").write_text("3\n")
+    cfg = load_config([write(tmp_path, RECIPE), write(tmp_path, f"checkpoint:\n  pretrained: {save}\n", "p.yaml")])
+    assert cfg.model.num_layers == 6 and cfg.data.seq_length == 512  # only the model section is taken
+
+
+def test_explicit_model_values_equal_to_the_checkpoint_are_fine(tmp_path):
+    ckpt = converted_dir(tmp_path)
+    # Same values, written differently: ints for floats, a float string PyYAML leaves unparsed.
+    text = RECIPE + "model:\n  num_layers: 2\n  rotary_base: 1000000\n  norm_epsilon: 1e-6\n  add_qkv_bias: true\n"
+    cfg = load_config(write(tmp_path, text), [f"--checkpoint.pretrained={ckpt}", "--model.hidden_size=64"])
+    assert cfg.model.hidden_size == 64 and cfg.model.norm_epsilon == 1e-6
+
+
+def test_every_conflicting_model_value_is_reported_with_both_values_and_the_fix(tmp_path):
+    ckpt = converted_dir(tmp_path)
+    base = write(tmp_path, BASE)  # a full model section of another model (4 layers, untied, no bias)
+    overlay = write(tmp_path, "model:\n  norm_epsilon: 1.0e-5\n  num_layers: 8\n", "overlay.yaml")
+    issues = issues_of_paths([base, overlay], [f"--checkpoint.pretrained={ckpt}", "--model.rope_scaling.factor=4"])
+    text = "\n".join(issues)
+    assert f"model.num_layers=8 ({overlay}) conflicts with 2 in {ckpt}/config.yaml" in text  # the last setter named
+    assert f"remove model.num_layers from {overlay}" in text
+    assert f"model.norm_epsilon=1e-05 ({overlay}) conflicts with 1e-06" in text
+    assert f"model.num_layers=4" not in text
+    assert "model.rope_scaling={'rope_type': 'llama3', 'factor': 4.0" in text and "(the command line)" in text
+    assert "conflicts with None" in text
+    # hidden_size, ffn_hidden_size, heads, groups, vocab are equal in BASE; max_position_embeddings is a
+    # run choice; untie_embeddings_and_output_weights differs only as a default BASE never states.
+    keys = sorted(i.split("=")[0] for i in issues)
+    assert keys == ["model.norm_epsilon", "model.num_layers", "model.rope_scaling"]
+
+
+def test_run_choices_may_differ_from_the_checkpoint(tmp_path):
+    ckpt = converted_dir(tmp_path)
+    cfg = load_config(write(tmp_path, RECIPE), [f"--checkpoint.pretrained={ckpt}", "--model.attention_backend=torch",
+                                                "--model.max_position_embeddings=4096"])
+    assert cfg.model.attention_backend == "torch" and cfg.model.max_position_embeddings == 4096
+
+
+def test_model_null_in_an_overlay_hands_the_model_to_the_checkpoint(tmp_path):
+    ckpt = converted_dir(tmp_path)
+    overlay = write(tmp_path, "model: null\n", "o.yaml")
+    cfg = load_config([write(tmp_path), overlay], [f"--checkpoint.pretrained={ckpt}"])
+    assert cfg.model.num_layers == 2
+
+
+def test_a_full_model_section_without_a_usable_pretrained_dir_keeps_working(tmp_path):
+    # Resume runs and configs written before conversion existed: pretrained only matters for weights.
+    cfg = load_config(write(tmp_path), [f"--checkpoint.pretrained={tmp_path / 'not_yet'}"])
+    assert cfg.model.num_layers == 4
+
+
+@pytest.mark.parametrize("case, fragment", [
+    ("none", "no model section: give model: in a --config file, or --checkpoint.pretrained=DIR"),
+    ("missing", "does not exist, so it cannot give the model section"),
+    ("no_yaml", "holds no config.yaml, so it cannot give the model section"),
+    ("no_section", "has no model: section: re-convert the model, or give model:"),
+    ("unknown_key", "config.yaml: unknown key 'model.hiden_size'; did you mean 'model.hidden_size'?"),
+    ("bad_type", "'model.num_layers' = 'two': expected int"),
+])
+def test_model_section_errors(tmp_path, case, fragment):
+    pretrained = {"none": None, "missing": tmp_path / "missing"}.get(case, tmp_path / "ckpt")
+    if case != "none" and case != "missing":
+        (tmp_path / "ckpt").mkdir()
+        content = {"no_section": {"data": {}}, "unknown_key": {"model": {**CONVERTED_MODEL, "hiden_size": 3}},
+                   "bad_type": {"model": {**CONVERTED_MODEL, "num_layers": "two"}}}.get(case)
+        if content is not None:
+            (tmp_path / "ckpt" / "config.yaml").write_text(yaml.safe_dump(content))
+    overrides = [f"--checkpoint.pretrained={pretrained}"] if pretrained else []
+    issues = issues_of_paths([write(tmp_path, RECIPE)], overrides + ["--training.micro_batch_size=two"])
+    assert any(fragment in i for i in issues), issues
+    assert "'training.micro_batch_size' = 'two': expected int" in issues  # reported in the same pass
+    assert not any(i.startswith("missing required key 'model.") for i in issues), issues  # one issue, not five
+
+
+RECIPES = REPO / "yaml_configs" / "recipes"
+
+
+@pytest.mark.parametrize("files, world_size, has_cuda", [
+    (["sft_converted_1gpu.yaml"], 1, True),
+    (["sft_converted_8gpu.yaml"], 8, True),
+    (["sft_converted_1gpu.yaml", "cpu.yaml"], 1, False),
+    (["sft_converted_8gpu.yaml", "cpu.yaml"], 2, False),
+])
+def test_shipped_recipes_load_with_a_converted_model(tmp_path, files, world_size, has_cuda):
+    ckpt = converted_dir(tmp_path, {**CONVERTED_MODEL, "max_position_embeddings": 32768})
+    for name in files:
+        assert "model" not in yaml.safe_load((RECIPES / name).read_text()) or name == "cpu.yaml"
+    overrides = [f"--checkpoint.pretrained={ckpt}"] + (["--training.global_batch_size=4"] if world_size == 2 else [])
+    cfg = load_config([str(RECIPES / n) for n in files], overrides, world_size=world_size, has_cuda=has_cuda)
+    assert cfg.model.num_layers == 2 and cfg.checkpoint.pretrained == str(ckpt)
+    assert cfg.training.bf16 == has_cuda
+
+
+def test_pretrain_sft_layers_configs_and_documents_the_order(tmp_path, monkeypatch, capsys):
+    import pretrain_sft
+
+    monkeypatch.delenv("SLURM_PROCID", raising=False)
+    monkeypatch.delenv("SLURM_STEP_NUM_TASKS", raising=False)
+    overlay = write(tmp_path, "training:\n  lrr: 1\n", "overlay.yaml")
+    assert pretrain_sft.main(["--config", write(tmp_path), "--config", overlay]) == 2
+    assert f"{overlay}: unknown key 'training.lrr'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        pretrain_sft.main(["--help"])
+    out = capsys.readouterr().out
+    assert "each ``--config`` file in the order given, then the ``--section.key=value`` overrides" in out
+    assert "--checkpoint.pretrained" in out

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,8 @@ from megatron_sft.conversion.common import ConversionError, UnsupportedArchitect
 from megatron_sft.conversion.convert import hf_to_megatron, megatron_to_hf
 from megatron_sft.conversion.hf_io import ShardedSafetensorsWriter, end_of_turn_token, generation_config
 from megatron_sft.conversion.tiny_models import build_tiny_hf_model
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +32,49 @@ def _copy(src, dst):
 
 
 def test_missing_directory_and_config(tmp_path):
-    with pytest.raises(ConversionError, match="HF config.json not found"):
+    with pytest.raises(ConversionError, match="nope is not a local folder .* and not a valid Hugging Face hub name"):
         hf_to_megatron(tmp_path / "nope", tmp_path / "out")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConversionError, match="HF config.json not found"):
+        hf_to_megatron(tmp_path / "empty", tmp_path / "out")
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """An empty huggingface_hub cache, offline, with an endpoint that refuses connections."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf_home" / "hub"
+    cache.mkdir(parents=True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    return cache
+
+
+def test_hub_names_for_model_and_tokenizer(tiny_llama, tmp_path, offline_hub):
+    from tests.hf_cache import add_to_hub_cache
+
+    add_to_hub_cache(offline_hub, "tiny-org/tiny-llama", tiny_llama)
+    cfg = hf_to_megatron("tiny-org/tiny-llama", tmp_path / "out", progress=False)
+    assert cfg.num_layers == 2 and (tmp_path / "out" / "tokenizer" / "tokenizer.json").is_file()
+    assert "checkpoint tiny-org/tiny-llama" in (tmp_path / "out" / "config.yaml").read_text()
+    out = megatron_to_hf(tmp_path / "out", tmp_path / "hf_out", tokenizer="tiny-org/tiny-llama", progress=False)
+    assert (out / "tokenizer.json").read_bytes() == (tiny_llama / "tokenizer.json").read_bytes()
+    with pytest.raises(ConversionError, match="not-cached: not a local folder, and the Hugging Face cache"):
+        megatron_to_hf(tmp_path / "out", tmp_path / "hf_out2", tokenizer="tiny-org/not-cached", progress=False)
+
+
+def test_cli_reports_an_unresolvable_name_with_exit_code_2(tmp_path, offline_hub, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("convert_cli", REPO / "tools" / "convert_hf_to_megatron.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    assert cli.main(["--hf", "Qwen/Qwen2.5-0.5B-Instruct", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: Qwen/Qwen2.5-0.5B-Instruct: not a local folder") and "HF_HUB_OFFLINE=1" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_unsupported_architecture_file(tiny_llama, tmp_path):
