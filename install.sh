@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Install megatron-sft and its dependencies into the current Python environment.
-#   bash install.sh          # runtime dependencies
-#   bash install.sh --test   # plus what the test suite needs (pytest, pyarrow, datasets, tensorboard),
-#                            # at the versions in constraints-test.txt (what CI runs with)
+#   bash install.sh          # runtime dependencies + what the README's commands use: Parquet and
+#                            # datasets folders (pyarrow, datasets), TensorBoard, plots (matplotlib)
+#   bash install.sh --test   # plus pytest, all at the versions in constraints-test.txt (what CI runs with)
 #   bash install.sh --te     # plus Transformer Engine (GPU machines with CUDA)
+#   bash install.sh --wandb  # plus Weights & Biases (logging.wandb_project)
 # Works on Python 3.11 and 3.12. megatron-core 0.19 declares Python >= 3.12, but its cp311 wheel
 # runs fine on 3.11, so it is installed first without the Python check; pip then finds the
 # requirement already satisfied.
@@ -11,13 +12,14 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 PY=${PYTHON:-python3}
 MCORE_VERSION=0.19.2
-extras=()
+extras=(formats tensorboard plot)
 constraints=()
 for arg in "$@"; do
   case "$arg" in
     --test) extras+=(test); constraints=(-c constraints-test.txt) ;;
     --te) extras+=(te) ;;
-    *) echo "install.sh: unknown option '$arg' (use --test and/or --te)" >&2; exit 2 ;;
+    --wandb) extras+=(wandb) ;;
+    *) echo "install.sh: unknown option '$arg' (use --test, --te and/or --wandb)" >&2; exit 2 ;;
   esac
 done
 
@@ -35,8 +37,7 @@ if ! "$PY" -c "import importlib.metadata as m, sys; sys.exit(m.version('megatron
   pip_install --no-deps --ignore-requires-python "megatron-core==$MCORE_VERSION"
 fi
 
-spec="."
-if [ ${#extras[@]} -gt 0 ]; then spec=".[$(IFS=,; echo "${extras[*]}")]"; fi
+spec=".[$(IFS=,; echo "${extras[*]}")]"
 echo "[install] megatron-sft $spec"
 pip_install ${constraints[@]+"${constraints[@]}"} -e "$spec"
 "$PY" -c "import megatron_sft.mcore as m, torch; print(f'[install] ok: torch {torch.__version__}, megatron-core {m.MCORE_VERSION}')"

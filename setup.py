@@ -7,6 +7,12 @@ and .ci/run do this), after which this package's requirement is already satisfie
 
 from setuptools import find_packages, setup
 
+# Optional groups. install.sh (the README set-up) installs formats, tensorboard and plot, since
+# documented commands use them; a bare ``pip install -e .`` leaves them out.
+FORMATS = ["pyarrow>=15", "datasets>=3.0"]  # Parquet and datasets.save_to_disk inputs
+TENSORBOARD = ["tensorboard>=2.15"]  # logging.tensorboard (on by default)
+PLOT = ["matplotlib>=3.7"]  # tools/plot_metrics.py
+
 setup(
     name="megatron-sft",
     version="0.1.0",
@@ -28,8 +34,10 @@ setup(
     ],
     extras_require={
         "te": ["transformer-engine[pytorch]>=2.8"],
-        "formats": ["pyarrow>=15", "datasets>=3.0"],
-        "tensorboard": ["tensorboard>=2.15"],
-        "test": ["pytest>=8", "pyarrow>=15", "datasets>=3.0", "tensorboard>=2.15"],
+        "formats": FORMATS,
+        "tensorboard": TENSORBOARD,
+        "plot": PLOT,
+        "wandb": ["wandb>=0.17"],  # logging.wandb_project
+        "test": ["pytest>=8", *FORMATS, *TENSORBOARD, *PLOT],
     },
 )

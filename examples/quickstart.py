@@ -8,18 +8,19 @@
    and packs them with tools/preprocess_data.py (loss masks on assistant turns only);
 3. trains the model of yaml_configs/tiny_cpu.yaml with pretrain_sft.py (a single process; the
    GPU is used when present), evaluating and saving checkpoints on the way;
-4. runs pretrain_sft.py --eval-only on the last checkpoint and prints the loss curve.
+4. runs pretrain_sft.py --eval-only on the last checkpoint, prints the loss curve, what it
+   produced (data, checkpoint, metrics, eval loss) and the next commands (export, plots).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "examples" / "data" / "sample_conversations.jsonl"
@@ -39,6 +40,51 @@ def sh(cmd: list, **kwargs) -> subprocess.CompletedProcess:
     print("$", " ".join(str(c) for c in cmd), flush=True)
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.run([str(c) for c in cmd], check=True, cwd=REPO, env=env, **kwargs)
+
+
+def _rel(path: Path) -> str:
+    """``path`` relative to the working directory when inside it (short, ready to paste)."""
+    try:
+        return str(Path(path).relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def report_curves(save: Path) -> tuple[list, list]:
+    """Print the train and eval loss curves of ``save``/metrics.jsonl; returns their records."""
+    from megatron_sft.training.metrics import read_metrics
+
+    records = read_metrics(str(save))
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_loss" in r]
+    print("\nloss curve (step: train loss):")
+    print("  " + "  ".join(f"{r['step']}: {r['loss']:.3f}" for r in train))
+    print("validation (step: eval loss):")
+    print("  " + "  ".join(f"{r['step']}: {r['eval_loss']:.3f}" for r in evals))
+    return train, evals
+
+
+def print_summary(out: Path, save: Path, last_eval: Optional[dict], eval_only: str) -> None:
+    """What the run produced and the commands that come next."""
+    latest = int((save / "latest_checkpointed_iteration.txt").read_text())
+    tensorboard = save / "tensorboard"
+    print("\nproduced:")
+    print(f"  tokenizer    {_rel(out / 'tokenizer')}")
+    print(f"  packed data  {_rel(out / 'data' / 'train')}, {_rel(out / 'data' / 'valid')}"
+          f"  (+ .meta.json, .report.json)")
+    print(f"  checkpoint   {_rel(save / f'iter_{latest:07d}')}")
+    print(f"  metrics      {_rel(save / 'metrics.jsonl')}" + (f", {_rel(tensorboard)}" if tensorboard.is_dir() else ""))
+    if last_eval is not None:
+        print(f"  eval loss    {last_eval['eval_loss']:.4f} at step {last_eval['step']} "
+              f"({last_eval['eval_tokens']} tokens)")
+    print(f"--eval-only: {eval_only}")
+    print("\nnext:")
+    tools = REPO / "tools"
+    print(f"  python {_rel(tools / 'convert_megatron_to_hf.py')} --megatron {_rel(save)} --out {_rel(out / 'hf')}"
+          "    # export a Hugging Face model")
+    print(f"  python {_rel(tools / 'plot_metrics.py')} {_rel(save)}    # PNGs: loss, eval loss, speed, memory, lr")
+    if tensorboard.is_dir():
+        print(f"  tensorboard --logdir {_rel(tensorboard)}")
 
 
 def main() -> int:
@@ -74,16 +120,8 @@ def main() -> int:
     result = sh([sys.executable, REPO / "pretrain_sft.py", "--config", CONFIG, *overrides, "--eval-only",
                  f"--checkpoint.load={save}"], stdout=subprocess.PIPE, text=True)
 
-    records = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in records if "loss" in r]
-    evals = [r for r in records if "eval_loss" in r]
-    print("\nloss curve (step: train loss):")
-    print("  " + "  ".join(f"{r['step']}: {r['loss']:.3f}" for r in train))
-    print("validation (step: eval loss):")
-    print("  " + "  ".join(f"{r['step']}: {r['eval_loss']:.3f}" for r in evals))
-    latest = int((save / "latest_checkpointed_iteration.txt").read_text())
-    print(f"\nfinal checkpoint: {save / f'iter_{latest:07d}'}")
-    print(f"--eval-only: {result.stdout.strip()}")
+    train, evals = report_curves(save)
+    print_summary(out, save, evals[-1] if evals else None, result.stdout.strip())
     if train[-1]["loss"] >= 0.5 * train[0]["loss"]:
         print("warning: the loss did not halve; something is off", file=sys.stderr)
         return 1
