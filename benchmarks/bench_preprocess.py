@@ -1,9 +1,11 @@
 #!/usr/bin/env python
-"""Preprocessing throughput: plain ``apply_chat_template`` + tokenize vs the full compiler.
+"""Preprocessing throughput: plain ``apply_chat_template`` + tokenize vs the full compiler, and
+the compiler's scaling with ``--workers``.
 
     python benchmarks/bench_preprocess.py [--tokenizer DIR] [--repeat N] [--seq-length N]
+    python benchmarks/bench_preprocess.py --workers 1,2,4,8,16 [--data short|fixtures] [--tokens N]
 
-Prints tokens/s per core (one process) for
+Without ``--workers``, prints tokens/s per core (one process) for
   1. plain: ``tokenizer.apply_chat_template(messages, tools=..., tokenize=True)`` per record;
   2. masker: ``ChatMasker.encode`` (render, tokenize, spans, verification);
   3. compiler: ``compile_dataset`` with one worker (read + normalise + encode + pack + write);
@@ -11,8 +13,13 @@ and ChatMasker tokens/s on synthetic conversations of 2 vs 32 turns (equal token
 grows linearly with the conversation). Uses the real fixtures (qwen2.5-instruct tokenizer and
 the datasets in ../shared/fixtures) when present, otherwise the tiny tokenizer and synthetic data.
 Targets: compiler >= 150K tokens/s per core and <= 2x the plain time.
-"""
 
+With ``--workers`` (a sweep), runs ``tools/preprocess_data.py`` once per worker count, each in a
+fresh process (start-up included, as a user runs it), on ``--tokens`` tokens of short synthetic
+chats (``short``, ~110 tokens each) or of the fixture records repeated (``fixtures``, ~650 each),
+and prints wall time, tokens/s, speedup, the report's stage timings and a prediction for the
+other counts from the first one's costs (see benchmarks/results/preprocess_scaling.md).
+"""
 from __future__ import annotations
 
 import argparse
@@ -115,7 +122,18 @@ def main() -> None:
     parser.add_argument("--tokenizer", help="tokenizer dir (default: qwen2.5 fixture, else the tiny one)")
     parser.add_argument("--repeat", type=int, default=3, help="times the fixture records are repeated")
     parser.add_argument("--seq-length", type=int, default=16384)
+    parser.add_argument("--workers", help="sweep: comma-separated worker counts, e.g. 1,2,4,8,16")
+    parser.add_argument("--data", choices=["short", "fixtures"], default="short", help="sweep: input records")
+    parser.add_argument("--tokens", type=float, default=5.4e6, help="sweep: tokens of input to generate")
+    parser.add_argument("--json", help="sweep: also write the rows (with each run's report) to this file")
     args = parser.parse_args()
+    if args.workers:
+        sweep(args)
+    else:
+        bench_one_core(args)
+
+
+def bench_one_core(args) -> None:
     warnings.filterwarnings("ignore")
     from transformers import AutoTokenizer
 
@@ -166,6 +184,133 @@ def _conversations_from(records: list[dict]):
     from megatron_sft.data.formats import normalize_record
 
     return [normalize_record(r) for r in records]
+
+
+# ---------------------------------------------------------------- --workers sweep
+
+SHORT_WORDS = ("the model answers each question with care and cites the tool output when it is useful data "
+               "packing attention tokens sequence parallel gradient loss batch python function value result "
+               "error retry plan step first then finally because therefore example").split()
+
+
+def short_chats(num_records: int, seed: int = 0) -> list[dict]:
+    """Short chats: 1-2 user/assistant pairs of 5-30 / 10-60 words, half with a system prompt
+    (~110 tokens each with the Qwen2.5 tokenizer)."""
+    import random
+
+    rng = random.Random(seed)
+    records = []
+    for _ in range(num_records):
+        messages = [{"role": "system", "content": "You are a helpful assistant."}] if rng.random() < 0.5 else []
+        for _ in range(rng.randint(1, 2)):
+            messages.append({"role": "user", "content": " ".join(rng.choices(SHORT_WORDS, k=rng.randint(5, 30))) + "?"})
+            messages.append({"role": "assistant", "content": " ".join(rng.choices(SHORT_WORDS, k=rng.randint(10, 60))) + "."})
+        records.append({"messages": messages})
+    return records
+
+
+def _sweep_input(tmp: str, data: str, tokens: float, tokenizer_dir: str) -> tuple[str, int]:
+    """A JSONL file of about ``tokens`` tokens; returns (path, number of records)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if data == "short":
+        sample = short_chats(400, seed=1)
+    else:
+        _, paths = _inputs(tmp, tokenizer_dir, 1)
+        sample = [json.loads(line) for line in open(paths[0], encoding="utf-8")]
+    conversations = _conversations_from_payloads(sample)
+    per_record = sum(len(tokenizer.apply_chat_template(c.messages, tools=c.tools, tokenize=True, return_dict=False))
+                     for c in conversations) / len(sample)
+    num_records = int(tokens / per_record) + 1
+    records = short_chats(num_records) if data == "short" else (sample * (num_records // len(sample) + 1))[:num_records]
+    path = os.path.join(tmp, f"sweep_{data}.jsonl")
+    _write_jsonl(records, path)
+    return path, num_records
+
+
+def _conversations_from_payloads(payloads: list[dict]):
+    from megatron_sft.data.formats import RecordError, normalize_record
+
+    out = []
+    for payload in payloads:
+        try:
+            out.append(normalize_record(payload))
+        except RecordError:
+            pass
+    return out
+
+
+def _run_cli(tokenizer_dir: str, path: str, prefix: str, workers: int, seq_length: int) -> tuple[float, dict]:
+    """One ``tools/preprocess_data.py`` run in a fresh process: (wall seconds, its report)."""
+    import subprocess
+
+    command = [sys.executable, os.path.join(REPO_ROOT, "tools", "preprocess_data.py"), "--input", path,
+               "--tokenizer", tokenizer_dir, "--output-prefix", prefix, "--seq-length", str(seq_length),
+               "--workers", str(workers), "--on-error", "skip", "--overlength", "truncate", "--no-progress"]
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"preprocess_data.py --workers {workers} failed:\n{done.stderr[-3000:]}")
+    with open(prefix + ".report.json", encoding="utf-8") as f:
+        return wall, json.load(f)
+
+
+def predict(base: dict, multi: dict | None, workers: int) -> float:
+    """Predicted wall seconds with ``workers`` workers, each on its own core plus one core for the
+    parent, from a 1-worker run's costs (``base``) and a multi-worker run's fixed start-up
+    (``multi``): fixed + max(worker start-up + encoding / workers, parent's own stage-1 work,
+    Megatron-Core import) + pack and write."""
+    t1 = base["report"]["timing_s"]
+    encode_cpu = t1["workers_cpu_s"]  # in-process: the encoders' time (parse, normalise, mask, spill)
+    source = multi if workers > 1 and multi is not None else base
+    t = source["report"]["timing_s"]
+    # The parent's own stage-1 work (reading, sampling, tallying, and with workers the task
+    # traffic) hardly depends on the number of workers: take it from the run that has it.
+    parent_s = t["parent_cpu_s"] if source is multi else max(t1["parent_cpu_s"] - encode_cpu, 0.0)
+    fixed = source["wall_s"] - t["encode_s"] - t["pack_write_s"] - t["import_wait_s"]
+    stage1 = max(t["worker_startup_s"] + encode_cpu / workers, parent_s, t1["import_cpu_s"])
+    return fixed + stage1 + t1["pack_write_s"]
+
+
+def sweep(args) -> None:
+    counts = [int(w) for w in args.workers.split(",")]
+    warnings.filterwarnings("ignore")
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer_dir, _ = _inputs(tmp, args.tokenizer, 1)
+        path, num_records = _sweep_input(tmp, args.data, args.tokens, tokenizer_dir)
+        print(f"{os.cpu_count()} CPUs; tokenizer {tokenizer_dir}; {num_records} {args.data} records in {path}")
+        print(f"{'workers':>7} {'wall s':>7} {'tok/s':>8} {'speedup':>7} {'startup':>7} {'encode':>7} "
+              f"{'parent%':>7} {'wkr util%':>9} {'wkr start':>9} {'pack+wr':>7}")
+        rows = []
+        for workers in counts:
+            wall, report = _run_cli(tokenizer_dir, path, os.path.join(tmp, f"w{workers}", "sft"), workers, args.seq_length)
+            rows.append({"workers": workers, "wall_s": wall, "report": report})
+            t = report["timing_s"]
+            print(f"{workers:7d} {wall:7.2f} {report['encoded_tokens'] / wall / 1e3:7.0f}K {rows[0]['wall_s'] / wall:7.2f} "
+                  f"{wall - t['encode_s'] - t['pack_write_s']:7.2f} {t['encode_s']:7.2f} "
+                  f"{100 * t['parent_cpu_s'] / t['encode_s']:7.0f} "
+                  f"{100 * t['workers_cpu_s'] / (workers * t['encode_s']):9.0f} {t['worker_startup_s']:9.2f} "
+                  f"{t['pack_write_s']:7.2f}", flush=True)
+        _print_prediction(rows, counts)
+        if args.json:
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump(rows, f, indent=2)
+
+
+def _print_prediction(rows: list[dict], counts: list[int]) -> None:
+    base = next((r for r in rows if r["workers"] == 1), None)
+    if base is None:
+        return
+    multi = next((r for r in rows if r["workers"] > 1), None)
+    tokens = base["report"]["encoded_tokens"]
+    print("prediction from the 1-worker run's costs (one core per worker plus one for the parent):")
+    for workers in sorted(set(counts) | {16}):
+        seconds = predict(base, multi, workers)
+        measured = next((r["wall_s"] for r in rows if r["workers"] == workers), None)
+        seen = f", measured {tokens / measured / 1e3:.0f}K" if measured else ""
+        print(f"  {workers:3d} workers: {seconds:6.2f} s, {tokens / seconds / 1e3:7.0f}K tokens/s{seen}")
 
 
 if __name__ == "__main__":

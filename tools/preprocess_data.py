@@ -5,13 +5,17 @@
         --output-prefix out/sft --seq-length 16384 --workers 8 --on-error skip
 
 Writes PREFIX_{tokens,loss_mask,provenance}.{bin,idx}, PREFIX.meta.json and PREFIX.report.json
-(see megatron_sft/data/compiler.py). Exit code 0 on success, 1 when the run stopped (bad record
-under --on-error fail, no chat template, nothing kept), 2 for invalid flags.
+(see megatron_sft/data/compiler.py). With --num-shards N --shard-index I (one SLURM array task
+each: tools/launch/preprocess_array.sbatch) it writes shard I as PREFIX_shardI; merge the shards'
+reports with tools/merge_reports.py PREFIX and train on the shards as a blend. Exit code 0 on
+success, 1 when the run stopped (bad record under --on-error fail, unusable tokenizer or chat
+template, nothing kept), 2 for invalid flags.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import warnings
@@ -48,6 +52,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--conversations-key", default="conversations", help="record key of ShareGPT-style conversations")
     p.add_argument("--tools-key", default="tools", help="record key of the tool schemas")
     p.add_argument("--limit", type=int, help="read only the first N records")
+    p.add_argument("--num-shards", type=int, default=1, help="split the run into N shards (one per SLURM array task)")
+    p.add_argument("--shard-index", type=int, default=0,
+                   help="shard to write (0..N-1): conversations whose first record index %% N is this; "
+                   "output PREFIX_shard<index>")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return p.parse_args(argv)
 
@@ -69,6 +77,8 @@ def config_from_args(args: argparse.Namespace) -> CompileConfig:
         seed=args.seed,
         format_keys=FormatKeys(messages=args.messages_key, conversations=args.conversations_key, tools=args.tools_key),
         limit=args.limit,
+        num_shards=args.num_shards,
+        shard_index=args.shard_index,
         progress=not args.no_progress,
     )
 
@@ -77,6 +87,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     # Megatron-Core warns on import about optional CUDA packages the preprocessing never uses.
     warnings.filterwarnings("ignore", category=UserWarning, module="megatron")
+    logging.basicConfig(format="%(levelname)s: %(message)s", level=logging.WARNING)
     try:
         report = compile_dataset(config_from_args(args))
     except ValueError as err:
@@ -86,9 +97,15 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(format_summary(report))
-    print(f"wrote {args.output_prefix}_{{tokens,loss_mask,provenance}}.{{bin,idx}}, .meta.json, .report.json")
+    prefix = report["output_prefix"]
+    print(f"wrote {prefix}_{{tokens,loss_mask,provenance}}.{{bin,idx}}, .meta.json, .report.json")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Every output is closed and published by now; the interpreter's teardown of torch and
+    # Megatron-Core would only add ~2 s to each run (a tenth of a 16-worker run on 5M tokens).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -60,6 +60,10 @@ Had the tokenizer split ``"|>"`` ``[28, 30)`` and ``"\n"`` ``[30, 31)``, the ``"
 outside and unsupervised. Real case: Llama-3 templates on a Qwen tokenizer end turns in a
 ``"|><"`` token, supervised with the ``<|eot_id|>`` it completes.
 
+Silent loss is counted, not hidden: ``EncodedConversation.reasoning_not_rendered`` is the number of
+assistant turns whose supplied ``reasoning_content`` appears nowhere in the render (a template
+without reasoning support, or Qwen3 dropping it before the last user turn).
+
 Modes: ``assistant`` (every assistant turn), ``last_assistant`` (only the last assistant turn),
 ``all`` (every token; ``supervised_tokens_by_role`` then counts tokens per role by span and the
 rest as ``"template"``). A message's ``train`` key overrides the mode: ``True`` supervises it,
@@ -119,6 +123,9 @@ class EncodedConversation:
     input_ids: np.ndarray  # int32 [num_tokens], the template's own tokenization of the render
     loss_mask: np.ndarray  # uint8 [num_tokens]; 1 iff input_ids[j] is a supervised target
     supervised_tokens_by_role: dict[str, int]  # e.g. {"assistant": 57}
+    reasoning_not_rendered: int = 0
+    """Assistant turns whose ``reasoning_content`` the template leaves out of the render (Qwen2.5
+    renders none, Qwen3 none before the last user turn): that reasoning is not trained on."""
 
 
 _UNSET = object()
@@ -144,6 +151,11 @@ class _Conversation:
             self.by_message.setdefault(f.message_index, []).append(k)
         self.ordered = sorted((s, e, self.fields[k].message_index)
                               for k, occ in enumerate(self.loc.occurrences) for s, e in occ)
+
+    def unrendered(self, kind: str) -> list[int]:
+        """Messages that supplied a ``kind`` string (e.g. "reasoning") the render does not hold."""
+        return sorted({f.message_index for f, occ in zip(self.fields, self.loc.occurrences)
+                       if f.kind == kind and not occ})
 
     def marked_prefix(self, stop: int, message: int) -> tuple[list[dict], list[Field]]:
         """``messages[:stop]`` marked for a prefix render: all strings when marking them all was
@@ -211,7 +223,7 @@ class ChatMasker:
             raise MaskError("no_supervised_tokens", "no assistant turn (or train=True message) with content "
                             "to supervise; drop the record or mark a message train=True")
         self._num_encoded += 1
-        return EncodedConversation(ids, loss_mask, by_role)
+        return EncodedConversation(ids, loss_mask, by_role, len(conv.unrendered("reasoning")))
 
     # --------------------------------------------------------------- rendering
     def _render(self, messages: list[dict], tools, add_generation_prompt: bool) -> str:

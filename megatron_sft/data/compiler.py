@@ -1,53 +1,64 @@
 """The preprocessing compiler: chat records -> verified loss masks -> packed Megatron files.
 
-Stages (memory stays flat in the input size; only per-conversation lengths are kept):
+Stages (memory stays flat in the input size; only a few numbers per conversation are kept):
 
-1. Stream records (``formats.iter_records``), sample the mixture (``mixing``), normalise, merge
-   pseudo multi-turn, and encode with ``ChatMasker`` in ``workers`` processes. Results come back
-   in input order whatever the number of workers. Each encoded conversation is appended to an
-   unpacked staging file set (``indexed.ConversationStore``).
-2. Pack the lengths (``packing.pack_lengths``), then copy conversations from the staging mmap
+1. Stream records (``formats.iter_records``; JSONL lines unparsed), keep this shard's, sample the
+   mixture (``mixing``), and encode in ``workers`` processes (``encode_pool``): each parses,
+   normalises, masks (``ChatMasker``) and writes kept conversations to its own spill files.
+   Results are consumed in input order whatever the number of workers. Pseudo multi-turn needs
+   whole conversations in order, so with it records are normalised and merged here first.
+2. Pack the lengths (``packing.pack_lengths``), then copy conversations from the spill files
    into the packed file set (``indexed.PackedWriter``) in the packs' seeded order.
 3. Write ``.meta.json`` and ``.report.json`` and publish everything by renaming out of a
    temporary folder next to the output, meta last: an interrupted run leaves no file set that
    looks complete.
 
 A bad record never crashes the run: under ``on_error="fail"`` the first one stops it with
-``path:line: reason: detail`` (``CompileError``, no output left), under ``"skip"`` it is counted
-under its reason (with example locations) in the report. Over-length conversations follow
+``path:line: reason: detail; fix`` (``CompileError``, no output left), under ``"skip"`` it is
+counted under its reason (with example locations) in the report. Over-length conversations follow
 ``overlength``: "drop" treats them as bad records (reason ``too_long``), "truncate" keeps their
-first ``seq_length`` tokens and counts them.
+first ``seq_length`` tokens and counts them. Data a template silently leaves out (reasoning it
+does not render) is counted in the report and warned about once.
+
+Sharding (``num_shards`` N, ``shard_index`` i; one SLURM array task each): shard i takes the
+conversations whose first record has ``record_index % N == i`` and writes ``PREFIX_shard{i}``.
+``record_index`` stays global, so provenance is the same as in an unsharded run; the shards'
+conversations together are the unsharded run's, and their reports' counts add up to its report
+(``reports.merge_reports``). Packing is per shard.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from array import array
+import importlib
 import json
+import logging
 import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
-from collections import deque
+from array import array
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import numpy as np
 from tqdm import tqdm
 
+from megatron_sft.data.encode_pool import (Block, Clock, Dropped, EncodePool, EncodeSettings, Encoder, blocks,
+                                           encode_in_order, read_spill, start_fork_server)
 from megatron_sft.data.formats import FormatKeys, RecordError, count_records, iter_records, normalize_record
-from megatron_sft.data.mixing import MergedConversation, PseudoMultiTurn, sample_mixture
+from megatron_sft.data.mixing import PseudoMultiTurn, sample_mixture
 from megatron_sft.data.packing import pack_lengths, packing_stats
+from megatron_sft.data.reports import (CompileError, Tally, build_report, format_summary, reasoning_warning,
+                                       shard_prefix)
+from megatron_sft.data.tokenizer_loading import load_tokenizer, resolve_chat_template, resolve_tokenizer
 
-MAX_EXAMPLES_PER_REASON = 20
-_BLOCK_SIZE = 16  # conversations per task sent to a worker
-_BLOCKS_IN_FLIGHT_PER_WORKER = 4  # bounds memory: results are consumed in order
+__all__ = ["CompileConfig", "CompileError", "compile_dataset", "format_summary", "load_tokenizer",
+           "resolve_chat_template"]
 
-
-class CompileError(RuntimeError):
-    """A run that must stop: the first bad record under on_error="fail" (message
-    ``path:line: reason: detail``), a tokenizer without chat template, nothing left to write."""
+logger = logging.getLogger("megatron_sft")
 
 
 @dataclass
@@ -57,10 +68,10 @@ class CompileConfig:
     inputs: list[str]
     """Input files, in order; ``source_index`` is the position in this list."""
     tokenizer: str
-    """Tokenizer folder or Hugging Face name (``AutoTokenizer.from_pretrained``)."""
+    """Tokenizer folder or Hugging Face hub name (``megatron_sft.hub``: cache, then download)."""
     output_prefix: str
     """Output path prefix: writes PREFIX_tokens.bin/.idx, PREFIX_loss_mask.*, PREFIX_provenance.*,
-    PREFIX.meta.json, PREFIX.report.json."""
+    PREFIX.meta.json, PREFIX.report.json (PREFIX_shard{i} when sharded)."""
     seq_length: int
     """Pack capacity in real tokens."""
     chat_template: str | None = None
@@ -85,6 +96,10 @@ class CompileConfig:
     """Key names in the input records."""
     limit: int | None = None
     """Read only the first N records (over all inputs)."""
+    num_shards: int = 1
+    """Split the run into this many independent shards (e.g. one per SLURM array task)."""
+    shard_index: int = 0
+    """Which shard this run writes: conversations whose first record_index % num_shards equals it."""
     progress: bool = True
     """Show tqdm progress bars (stderr)."""
 
@@ -116,8 +131,21 @@ class CompileConfig:
             problems.append(f"--limit must be >= 0, got {self.limit}")
         if self.chat_template is not None and not os.path.isfile(self.chat_template):
             problems.append(f"--chat-template {self.chat_template} is not a file")
+        if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
+            problems.append(f"--shard-index must be in 0..--num-shards-1, got shard {self.shard_index} of {self.num_shards}")
         if problems:
             raise ValueError("invalid preprocessing settings:\n  " + "\n  ".join(problems))
+
+    @property
+    def merges_turns(self) -> bool:
+        return self.pseudo_multiturn_prob > 0 and self.pseudo_multiturn_max_turns > 1
+
+    def shard_output_prefix(self) -> str:
+        """Where this run writes: ``output_prefix``, or ``output_prefix_shard{i}`` when sharded."""
+        return shard_prefix(self.output_prefix, self.shard_index) if self.num_shards > 1 else self.output_prefix
+
+    def in_shard(self, record_index: int) -> bool:
+        return record_index % self.num_shards == self.shard_index
 
 
 @dataclass
@@ -127,121 +155,8 @@ class _Item:
     source_index: int
     record_indices: list[int]
     location: str
-    conversation: object | None = None  # formats.Conversation
-    error: tuple[str, str] | None = None  # (reason, detail)
-
-
-# ---------------------------------------------------------------- tokenizer and workers
-
-
-_PROBE_TEXT = "Hello, world! The answer is 42."
-
-
-def load_tokenizer(name_or_path: str):
-    """``AutoTokenizer.from_pretrained``, refusing a tokenizer that cannot encode text: a folder
-    holding only ``tokenizer_config.json`` (no vocabulary files) loads in transformers as a
-    tokenizer of a handful of special tokens that maps every word to ``<unk>``."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    ids = tokenizer(_PROBE_TEXT, add_special_tokens=False)["input_ids"]
-    unk = tokenizer.unk_token_id
-    if not ids or (unk is not None and sum(i == unk for i in ids) * 2 >= len(ids)):
-        raise CompileError(
-            f"tokenizer {name_or_path} has {len(tokenizer)} tokens and encodes {_PROBE_TEXT!r} as {ids} "
-            "(unknown tokens): its vocabulary files (tokenizer.json, or vocab/merges or tokenizer.model) "
-            "are missing; point --tokenizer at a complete tokenizer (a template-only folder goes to "
-            "--chat-template)"
-        )
-    return tokenizer
-
-
-def resolve_chat_template(tokenizer, template_path: str | None) -> str:
-    """The template text in use: the file's, else the tokenizer's; CompileError when neither."""
-    if template_path is not None:
-        with open(template_path, encoding="utf-8") as f:
-            return f.read()
-    template = getattr(tokenizer, "chat_template", None)
-    if isinstance(template, dict):  # named templates: the default one renders conversations
-        template = template.get("default")
-    if not template:
-        raise CompileError(
-            f"tokenizer {getattr(tokenizer, 'name_or_path', '?')} has no chat template "
-            "(reason no_chat_template); pass --chat-template FILE"
-        )
-    return template
-
-
-_MASKER = None  # per worker process: built once by _init_worker
-
-
-def _init_worker(tokenizer, chat_template: str, mode: str) -> None:
-    """Build this process's masker once; ``tokenizer`` is a loaded one or a name to load."""
-    global _MASKER
-    from megatron_sft.data.chat_masks import ChatMasker
-
-    if isinstance(tokenizer, str):
-        tokenizer = load_tokenizer(tokenizer)
-    _MASKER = ChatMasker(tokenizer, chat_template=chat_template, mode=mode)
-
-
-def _encode_block(conversations: list) -> list[tuple]:
-    """Encode conversations with this process's masker. Per item:
-    (input_ids, loss_mask, supervised_tokens_by_role, None) or (None, None, None, (reason, detail))."""
-    from megatron_sft.data.chat_masks import MaskError
-
-    results = []
-    for conversation in conversations:
-        try:
-            encoded = _MASKER.encode(conversation.messages, tools=conversation.tools)
-            results.append((encoded.input_ids, encoded.loss_mask, dict(encoded.supervised_tokens_by_role), None))
-        except MaskError as err:
-            results.append((None, None, None, (err.reason, err.detail)))
-        except Exception as err:  # a template or tokenizer failing in a way the masker did not name
-            results.append((None, None, None, ("encode_error", f"{type(err).__name__}: {err}")))
-    return results
-
-
-def _encoded(items: Iterable[_Item], config: CompileConfig, tokenizer, template: str) -> Iterator[tuple[_Item, tuple | None]]:
-    """(item, encode result) in input order; items carrying an error pass through with None."""
-
-    def blocks():
-        block = []
-        for item in items:
-            block.append(item)
-            if len(block) == _BLOCK_SIZE:
-                yield block
-                block = []
-        if block:
-            yield block
-
-    def todo(block):
-        return [item.conversation for item in block if item.error is None]
-
-    def merge(block, results):
-        results = iter(results)
-        for item in block:
-            yield item, (None if item.error is not None else next(results))
-
-    if config.workers == 1:
-        _init_worker(tokenizer, template, config.mode)
-        for block in blocks():
-            yield from merge(block, _encode_block(todo(block)))
-        return
-    import multiprocessing
-
-    # spawn: no fork of a process holding tokenizer thread pools and tqdm's monitor thread.
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(config.workers, initializer=_init_worker, initargs=(config.tokenizer, template, config.mode)) as pool:
-        pending = deque()
-        for block in blocks():
-            pending.append((block, pool.apply_async(_encode_block, (todo(block),))))
-            if len(pending) >= _BLOCKS_IN_FLIGHT_PER_WORKER * config.workers:
-                block, result = pending.popleft()
-                yield from merge(block, result.get())
-        while pending:
-            block, result = pending.popleft()
-            yield from merge(block, result.get())
+    work: tuple[str, object] | None = None  # what a worker encodes (see encode_pool.Encoder.encode_block)
+    error: tuple[str, str] | None = None  # (reason, detail) of a record already known bad
 
 
 # ---------------------------------------------------------------- record stream
@@ -252,41 +167,62 @@ def _strip_location(detail: str, location: str) -> str:
     return detail[len(prefix):] if detail.startswith(prefix) else detail
 
 
-def _items(config: CompileConfig, plan, tally: Tally) -> Iterator[_Item]:
-    """Sampled, normalised and (optionally) merged conversations, and the bad records, in order."""
-    records = iter_records(config.inputs, config.format_keys)
+def _bad(record, error: RecordError) -> _Item:
+    detail = _strip_location(error.detail, record.location)
+    return _Item(record.source_index, [record.record_index], record.location, error=(error.reason, detail))
+
+
+def _items(config: CompileConfig, plan) -> Iterator[_Item]:
+    """This shard's sampled records in input order: work for the encoders, or bad records."""
+    records = iter_records(config.inputs, config.format_keys, parse_jsonl=config.merges_turns)
     if config.limit is not None:
         records = (r for r, _ in zip(records, range(config.limit)))
-    bad: deque[_Item] = deque()
+    if config.merges_turns:
+        yield from _merged_items(config, plan.apply(records))
+        return
+    if config.num_shards > 1:
+        records = (r for r in records if config.in_shard(r.record_index))
+    for record in plan.apply(records):  # a record sampled twice arrives twice
+        if record.error is not None:
+            yield _bad(record, record.error)
+        else:
+            work = ("line", record.raw) if record.raw is not None else ("payload", record.payload)
+            yield _Item(record.source_index, [record.record_index], record.location, work)
+
+
+def _merged_items(config: CompileConfig, records) -> Iterator[_Item]:
+    """Pseudo multi-turn: normalise and merge here (merging needs whole conversations in order);
+    every shard merges the whole stream, then keeps the merged conversations of its own."""
+    bad: list[_Item] = []
 
     def good_pairs():
-        for record in plan.apply(records):
-            error = record.error
-            if error is None:
-                try:
-                    pair = (record, normalize_record(record.payload, config.format_keys))
-                except RecordError as err:
-                    error = err
-            if error is not None:
-                detail = _strip_location(error.detail, record.location)
-                bad.append(_Item(record.source_index, [record.record_index], record.location, error=(error.reason, detail)))
-                continue
-            yield pair
+        for record in records:
+            try:
+                if record.error is not None:
+                    raise record.error
+                yield record, normalize_record(record.payload, config.format_keys)
+            except RecordError as err:
+                if config.in_shard(record.record_index):
+                    bad.append(_bad(record, err))
 
-    if config.pseudo_multiturn_prob > 0 and config.pseudo_multiturn_max_turns > 1:
-        pseudo_multiturn = PseudoMultiTurn(config.pseudo_multiturn_prob, config.pseudo_multiturn_max_turns, config.seed)
-        tally.pseudo_multiturn = pseudo_multiturn.stats  # updated live as the stream is consumed
-        merged = pseudo_multiturn(good_pairs())
-    else:
-        merged = (MergedConversation(r.source_index, [r.record_index], c, [r.location]) for r, c in good_pairs())
-    for conversation in merged:
-        while bad:
-            yield bad.popleft()
-        # A record sampled twice (mixture ratio > 1) arrives twice: its location travels with it.
-        yield _Item(conversation.source_index, conversation.record_indices, conversation.locations[0],
-                    conversation.conversation)
-    while bad:
-        yield bad.popleft()
+    merge = PseudoMultiTurn(config.pseudo_multiturn_prob, config.pseudo_multiturn_max_turns, config.seed)
+    for merged in merge(good_pairs()):
+        yield from bad
+        bad.clear()
+        if config.in_shard(merged.record_indices[0]):
+            yield _Item(merged.source_index, merged.record_indices, merged.locations[0],
+                        ("conversation", merged.conversation))
+    yield from bad
+
+
+def _record_counts(config: CompileConfig, plan) -> tuple[list[int], list[int]]:
+    """Per source, this shard's records before and after mixture sampling."""
+    read, used = [], []
+    for s, summary in enumerate(plan.summary):
+        offset, n = plan.offsets[s], config.num_shards
+        read.append(len(range((config.shard_index - offset) % n, summary.num_rows_in, n)))
+        used.append(int(np.count_nonzero((plan.take[s] + offset) % n == config.shard_index)))
+    return read, used
 
 
 def _limited_counts(inputs: list[str], limit: int | None) -> list[int]:
@@ -303,62 +239,82 @@ def _limited_counts(inputs: list[str], limit: int | None) -> list[int]:
 # ---------------------------------------------------------------- stages
 
 
-def _encode_to_store(config: CompileConfig, tokenizer, template: str, store, tally: Tally, counts: list[int]) -> dict:
-    """Stage 1: fill the staging store; returns lengths and provenance arrays."""
-    plan = sample_mixture(counts, config.mixture_ratios or [1.0] * len(counts), config.seed)
-    tally.mixture = plan.to_report()
-    # Per kept conversation only 3 x 8 bytes stay in memory; tokens go to the staging files.
-    lengths, sources, records = array("q"), array("q"), array("q")
-    seq_length = config.seq_length
-    total = sum(s["rows_out"] for s in tally.mixture)
+class _Kept:
+    """Per kept conversation, 5 x 8 bytes in memory; its tokens are in a spill file."""
+
+    def __init__(self):
+        self.lengths, self.sources, self.records = array("q"), array("q"), array("q")
+        self.spill_ids, self.offsets = array("q"), array("q")
+        self.spills: list[str] = []
+        self._spill_id: dict[str, int] = {}
+
+    def add(self, item: _Item, spill: str, length: int, offset: int) -> None:
+        if spill not in self._spill_id:
+            self._spill_id[spill] = len(self.spills)
+            self.spills.append(spill)
+        self.lengths.append(length)
+        self.sources.append(item.source_index)
+        self.records.append(item.record_indices[0])
+        self.spill_ids.append(self._spill_id[spill])
+        self.offsets.append(offset)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        names = ("lengths", "sources", "records", "spill_ids", "offsets")
+        return {name: np.frombuffer(getattr(self, name), dtype=np.int64) for name in names}
+
+
+def _tally(tally: Tally, kept: _Kept, item: _Item, block: Block | None, result) -> None:
+    """Count one item's outcome; a kept conversation is recorded in ``kept``."""
+    n = len(item.record_indices)
+    if item.error is not None:
+        tally.drop(item.source_index, n, item.location, *item.error)
+        return
+    tally.encoded_tokens += result.encoded_tokens
+    if isinstance(result, Dropped):
+        tally.drop(item.source_index, n, item.location, result.reason, result.detail, result.fix)
+        return
+    tally.keep(item.source_index, n, result.length, result.supervised, result.by_role, result.truncated)
+    if result.reasoning_not_rendered:
+        tally.reasoning_dropped(n, result.reasoning_not_rendered, item.location)
+    kept.add(item, block.spill, result.length, result.offset)
+
+
+def _encode_stage(config: CompileConfig, encoder, tally: Tally, plan, clock: Clock) -> _Kept:
+    """Stage 1: encode this shard's records into spill files; returns where each kept one is."""
+    kept = _Kept()
+    merged = {"conversations_in": 0, "conversations_out": 0, "merged_conversations": 0}
+    total = sum(_record_counts(config, plan)[1])
     with tqdm(total=total, unit="rec", desc="encode", disable=not config.progress, file=sys.stderr) as bar:
-        for item, result in _encoded(_items(config, plan, tally), config, tokenizer, template):
-            bar.update(len(item.record_indices))
-            if item.error is None and result[3] is not None:
-                item.error = result[3]
-            if item.error is not None:
-                tally.drop(item.source_index, len(item.record_indices), item.location, *item.error)
-                continue
-            input_ids, loss_mask, by_role, _ = result
-            tally.encoded_tokens += int(input_ids.size)
-            truncated = input_ids.size > seq_length
-            if truncated and config.overlength == "drop":
-                tally.drop(item.source_index, len(item.record_indices), item.location, "too_long",
-                           f"{input_ids.size} tokens > --seq-length {seq_length}")
-                continue
-            if truncated:
-                input_ids, loss_mask = input_ids[:seq_length], loss_mask[:seq_length]
-            if not loss_mask.any():
-                reason = "too_long" if truncated else "no_supervised_tokens"
-                tally.drop(item.source_index, len(item.record_indices), item.location, reason,
-                           f"no supervised token in the first {input_ids.size} tokens")
-                continue
-            store.add(input_ids, loss_mask)
-            tally.keep(item.source_index, len(item.record_indices), input_ids.size, loss_mask, by_role, truncated)
-            lengths.append(int(input_ids.size))
-            sources.append(item.source_index)
-            records.append(item.record_indices[0])
-    return {
-        "lengths": np.frombuffer(lengths, dtype=np.int64),
-        "source_index": np.frombuffer(sources, dtype=np.int64),
-        "record_index": np.frombuffer(records, dtype=np.int64),
-    }
+        for block, result in encode_in_order(blocks(_items(config, plan)), encoder, clock):
+            results = iter(result.results if result is not None else ())
+            for item in block:
+                bar.update(len(item.record_indices))
+                if item.work is not None:
+                    merged["conversations_in"] += len(item.record_indices)
+                    merged["conversations_out"] += 1
+                    merged["merged_conversations"] += len(item.record_indices) > 1
+                _tally(tally, kept, item, result, next(results) if item.work is not None else None)
+    if config.merges_turns:
+        tally.pseudo_multiturn = merged
+    return kept
 
 
-def _write_packs(config: CompileConfig, store, kept: dict, out_prefix: str):
+def _write_packs(config: CompileConfig, kept: dict, spills: list[str], out_prefix: str):
     """Stage 2: pack and write the packed file set under ``out_prefix``."""
     from megatron_sft.data.indexed import PackedWriter
 
-    packs = pack_lengths(kept["lengths"], config.seq_length, config.seed)
-    tokens, masks = store.reader()
+    lengths = kept["lengths"]
+    packs = pack_lengths(lengths, config.seq_length, config.seed)
+    maps = [read_spill(spill) for spill in spills]
     writer = PackedWriter(out_prefix)
     for pack in tqdm(packs, unit="pack", desc="write", disable=not config.progress, file=sys.stderr):
-        # add_pack concatenates (copies) the mmap views before they can go stale.
-        writer.add_pack([tokens[i] for i in pack], [masks[i] for i in pack],
-                        kept["source_index"][pack], kept["record_index"][pack])
+        where = zip(kept["spill_ids"][pack].tolist(), kept["offsets"][pack].tolist(), lengths[pack].tolist())
+        parts = [(maps[s][0][o:o + n], maps[s][1][o:o + n]) for s, o, n in where]
+        # add_pack concatenates (copies) the memory-mapped slices.
+        writer.add_pack([t for t, _ in parts], [m for _, m in parts], kept["sources"][pack], kept["records"][pack])
     writer.finalize()
-    del tokens, masks
-    return packing_stats(packs, kept["lengths"], config.seq_length), writer
+    del maps
+    return packing_stats(packs, lengths, config.seq_length), writer
 
 
 def _publish(tmp_prefix: str, final_prefix: str) -> None:
@@ -376,39 +332,119 @@ def compile_dataset(config: CompileConfig) -> dict:
     """Run the compiler; returns the report (also written to PREFIX.report.json).
 
     Raises ValueError for invalid settings and CompileError for a run that must stop (the first
-    bad record under on_error="fail", no chat template, nothing left to write); in both cases no
-    output file is left behind.
+    bad record under on_error="fail", an unusable tokenizer or template, nothing left to write);
+    in both cases no output file is left behind.
     """
-    from megatron_sft.data.indexed import ConversationStore, meta_path, report_path
-
     config.validate()
-    started = time.perf_counter()
-    tokenizer = load_tokenizer(config.tokenizer)
-    template = resolve_chat_template(tokenizer, config.chat_template)
-    counts = _limited_counts(config.inputs, config.limit)
-    tally = Tally(config.on_error, num_sources=len(config.inputs))
-    out_dir = os.path.dirname(os.path.abspath(config.output_prefix))
+    timing = {"started": time.perf_counter()}
+    folder = resolve_tokenizer(config.tokenizer)  # a download happens here, before any worker starts
+    out_prefix = config.shard_output_prefix()
+    out_dir = os.path.dirname(os.path.abspath(out_prefix))
     os.makedirs(out_dir, exist_ok=True)
-    tmp_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(config.output_prefix)}.tmp-", dir=out_dir)
+    if config.workers > 1:
+        start_fork_server()  # imports transformers in the background while this process does too
+    tmp_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(out_prefix)}.tmp-", dir=out_dir)
     try:
-        store = ConversationStore(os.path.join(tmp_dir, "staging"), vocab_size=len(tokenizer))
-        kept = _encode_to_store(config, tokenizer, template, store, tally, counts)
-        store.finalize()
-        if kept["lengths"].size == 0:
-            raise CompileError(f"no conversation survived ({format_summary(build_report(config, tally, counts, None, 0.0))})")
-        tmp_prefix = os.path.join(tmp_dir, os.path.basename(config.output_prefix))
-        stats, writer = _write_packs(config, store, kept, tmp_prefix)
-        elapsed = time.perf_counter() - started
-        report = build_report(config, tally, counts, stats, elapsed)
-        meta = build_meta(config, tokenizer, template, stats, writer)
-        with open(report_path(tmp_prefix), "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2)
-        with open(meta_path(tmp_prefix), "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=2)
-        _publish(tmp_prefix, config.output_prefix)
-        return report
+        template_text = resolve_chat_template(None, config.chat_template) if config.chat_template else None
+        settings = EncodeSettings(folder, template_text, config.mode, config.seq_length, config.overlength,
+                                  config.format_keys, spill_dir=tmp_dir)
+        return _compile(config, settings, tmp_dir, timing)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+class _BackgroundImport(threading.Thread):
+    """Imports a module in a thread. Megatron-Core (``indexed``) takes ~4 s to import and only
+    stage 2 needs it: imported while stage 1 runs, it is off the critical path. Started once
+    transformers and torch are imported, so the two threads never import the same modules."""
+
+    def __init__(self, module: str):
+        super().__init__(daemon=True)
+        self.module, self.error, self._cpu_s = module, None, 0.0
+        self.start()
+
+    def run(self) -> None:
+        try:
+            importlib.import_module(self.module)
+        except BaseException as err:  # re-raised in the caller by result()
+            self.error = err
+        self._cpu_s = time.thread_time()
+
+    def result(self):
+        self.join()
+        if self.error is not None:
+            raise self.error
+        return sys.modules[self.module]
+
+    def cpu_s(self) -> float:
+        """CPU seconds this thread used so far (0.0 where the platform cannot tell)."""
+        try:
+            return time.clock_gettime(time.pthread_getcpuclockid(self.ident)) if self.is_alive() else self._cpu_s
+        except (AttributeError, OSError):  # not Unix, or the thread just ended
+            return self._cpu_s
+
+
+def _compile(config: CompileConfig, settings: EncodeSettings, tmp_dir: str, timing: dict) -> dict:
+    tokenizer = load_tokenizer(settings.tokenizer, shown=config.tokenizer)
+    indexed = _BackgroundImport("megatron_sft.data.indexed")
+    try:
+        template = resolve_chat_template(tokenizer, config.chat_template)
+        counts = _limited_counts(config.inputs, config.limit)
+        plan = sample_mixture(counts, config.mixture_ratios or [1.0] * len(counts), config.seed)
+        tally = Tally(config.on_error, num_sources=len(config.inputs))
+        tally.mixture = plan.to_report()
+        clock = Clock()
+        timing["startup_s"] = time.perf_counter() - timing["started"]
+        cpu_started = time.process_time() - indexed.cpu_s()
+        # Workers are forked now and load their tokenizers while the first blocks queue up.
+        with (EncodePool(settings, config.workers) if config.workers > 1 else Encoder(settings, tokenizer)) as encoder:
+            kept = _encode_stage(config, encoder, tally, plan, clock)
+        timing.update(_stage1_timing(timing, clock, time.process_time() - indexed.cpu_s() - cpu_started))
+        read, used = _record_counts(config, plan)
+        if not kept.lengths:
+            timing["total_s"] = time.perf_counter() - timing.pop("started")
+            summary = format_summary(build_report(config, tally, read, used, None, timing))
+            raise CompileError(f"no conversation survived ({summary})")
+        started = time.perf_counter()
+        module = indexed.result()
+        timing["import_wait_s"] = time.perf_counter() - started
+        timing["import_cpu_s"] = indexed.cpu_s()
+    finally:
+        indexed.join()  # never leave an import running in a thread at interpreter exit
+    report = _write_outputs(config, module, tokenizer, template, tally, read, used, kept, tmp_dir, timing)
+    warning = reasoning_warning(report)
+    if warning:
+        logger.warning(warning)
+    return report
+
+
+def _write_outputs(config: CompileConfig, indexed, tokenizer, template: str, tally: Tally, read: list[int],
+                   used: list[int], kept: _Kept, tmp_dir: str, timing: dict) -> dict:
+    """Stage 2 and 3: pack, write, report, meta, publish; returns the report."""
+    tmp_prefix = os.path.join(tmp_dir, os.path.basename(config.shard_output_prefix()))
+    started = time.perf_counter()
+    stats, writer = _write_packs(config, kept.arrays(), kept.spills, tmp_prefix)
+    timing["pack_write_s"] = time.perf_counter() - started
+    timing["total_s"] = time.perf_counter() - timing.pop("started")
+    report = build_report(config, tally, read, used, stats, timing)
+    with open(indexed.report_path(tmp_prefix), "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2)
+    with open(indexed.meta_path(tmp_prefix), "w", encoding="utf-8") as f:
+        json.dump(build_meta(config, tokenizer, template, stats, writer), f, indent=2)
+    _publish(tmp_prefix, config.shard_output_prefix())
+    return report
+
+
+def _stage1_timing(timing: dict, clock: Clock, parent_cpu_s: float) -> dict[str, float]:
+    """Where stage 1's time went: ``encode_s`` wall, of which this process waited ``wait_s`` for
+    workers and used ``parent_cpu_s`` of CPU (all threads but the background import); the
+    workers' summed CPU time and slowest start-up. With one worker everything runs here (wait_s
+    0, workers_cpu_s = the encoding itself, inside parent_cpu_s); with several, parent_cpu_s /
+    encode_s near 1 means this process is the bottleneck."""
+    encode_s = time.perf_counter() - timing["started"] - timing["startup_s"]
+    return {"encode_s": encode_s, "parent_busy_s": encode_s - clock.wait_s, "parent_cpu_s": parent_cpu_s,
+            "wait_s": clock.wait_s, "workers_cpu_s": clock.workers_cpu_s,
+            "worker_startup_s": max(clock.worker_startup_s, default=0.0)}
 
 
 def config_as_dict(config: CompileConfig) -> dict:
@@ -419,109 +455,7 @@ def config_as_dict(config: CompileConfig) -> dict:
     return values
 
 
-# ---------------------------------------------------------------- report and meta
-
-
-class Tally:
-    """Counts of one run, filled record by record; ``drop`` raises under on_error="fail"."""
-
-    def __init__(self, on_error: str, num_sources: int):
-        self.on_error = on_error
-        self.dropped: dict[str, dict] = {}
-        self.records_kept = 0
-        self.num_conversations = 0
-        self.num_truncated = 0
-        self.real_tokens = 0
-        self.encoded_tokens = 0
-        self.supervised_by_role: dict[str, int] = {}
-        self.per_source = [
-            {"records_kept": 0, "records_dropped": 0, "conversations": 0, "real_tokens": 0, "supervised_tokens": 0}
-            for _ in range(num_sources)
-        ]
-        self.mixture: list[dict] = []
-        self.pseudo_multiturn: dict | None = None
-
-    def drop(self, source_index: int, num_records: int, location: str, reason: str, detail: str) -> None:
-        if self.on_error == "fail":
-            raise CompileError(f"{location}: {reason}: {detail}")
-        entry = self.dropped.setdefault(reason, {"records": 0, "examples": []})
-        entry["records"] += num_records
-        if len(entry["examples"]) < MAX_EXAMPLES_PER_REASON:
-            entry["examples"].append(f"{location}: {detail}")
-        self.per_source[source_index]["records_dropped"] += num_records
-
-    def keep(self, source_index: int, num_records: int, num_tokens: int, loss_mask: np.ndarray,
-             by_role: dict[str, int], truncated: bool) -> None:
-        supervised = int(np.count_nonzero(loss_mask))
-        if truncated:
-            # The masker counted roles over the whole conversation; after the cut only a
-            # single-role count can be re-attributed exactly.
-            by_role = {next(iter(by_role)): supervised} if len(by_role) == 1 else {"unknown (truncated)": supervised}
-            self.num_truncated += 1
-        for role, count in by_role.items():
-            self.supervised_by_role[role] = self.supervised_by_role.get(role, 0) + int(count)
-        self.records_kept += num_records
-        self.num_conversations += 1
-        self.real_tokens += num_tokens
-        source = self.per_source[source_index]
-        source["records_kept"] += num_records
-        source["conversations"] += 1
-        source["real_tokens"] += num_tokens
-        source["supervised_tokens"] += supervised
-
-
-def build_report(config: CompileConfig, tally: Tally, counts: list[int], stats, elapsed_s: float) -> dict:
-    """The ``.report.json`` content (``stats``: packing.PackingStats, None before packing)."""
-    records_dropped = sum(e["records"] for e in tally.dropped.values())
-    mixture = []
-    for s, path in enumerate(config.inputs):
-        plan = tally.mixture[s] if s < len(tally.mixture) else {}
-        source = tally.per_source[s]
-        share = source["real_tokens"] / tally.real_tokens if tally.real_tokens else 0.0
-        mixture.append({"source_index": s, "path": path, "ratio": plan.get("ratio", 1.0), "records_read": counts[s],
-                        "records_used": plan.get("rows_out", counts[s]), **source, "token_share": round(share, 6)})
-    return {
-        "output_prefix": config.output_prefix,
-        "records_read": sum(counts),
-        "records_used": sum(m["records_used"] for m in mixture),
-        "records_kept": tally.records_kept,
-        "records_dropped": records_dropped,
-        "dropped": dict(sorted(tally.dropped.items())),
-        "truncated": tally.num_truncated,
-        "conversations": tally.num_conversations,
-        "packs": stats.num_packs if stats else 0,
-        "seq_length": config.seq_length,
-        "real_tokens": tally.real_tokens,
-        "encoded_tokens": tally.encoded_tokens,
-        "supervised_tokens": {
-            "total": sum(m["supervised_tokens"] for m in mixture),
-            "by_role": dict(sorted(tally.supervised_by_role.items())),
-            "by_source": [m["supervised_tokens"] for m in mixture],
-        },
-        "fill_ratio": round(stats.fill_ratio, 6) if stats else 0.0,
-        "mixture": mixture,
-        "pseudo_multiturn": tally.pseudo_multiturn,
-        "workers": config.workers,
-        "elapsed_s": round(elapsed_s, 3),
-        "tokens_per_s": round(tally.encoded_tokens / elapsed_s, 1) if elapsed_s > 0 else None,
-    }
-
-
-def format_summary(report: dict) -> str:
-    """A few lines for a person: what was kept, what was dropped and why, how full the packs are."""
-    lines = [
-        f"records: {report['records_read']} read, {report['records_used']} used after mixing, "
-        f"{report['records_kept']} kept, {report['records_dropped']} dropped, {report['truncated']} truncated",
-        f"packs: {report['packs']} x {report['seq_length']} tokens, {report['conversations']} conversations, "
-        f"{report['real_tokens']} real tokens, fill {100 * report['fill_ratio']:.2f}%",
-        f"supervised tokens: {report['supervised_tokens']['total']} "
-        + " ".join(f"{r}={n}" for r, n in report["supervised_tokens"]["by_role"].items()),
-    ]
-    for reason, entry in report["dropped"].items():
-        lines.append(f"dropped {reason}: {entry['records']} (e.g. {entry['examples'][0]})")
-    if report.get("tokens_per_s") is not None:
-        lines.append(f"{report['tokens_per_s']:.0f} tokens/s with {report['workers']} worker(s), {report['elapsed_s']:.1f} s")
-    return "\n".join(lines)
+# ---------------------------------------------------------------- meta
 
 
 def _end_of_turn_ids(tokenizer, template: str) -> list[int]:
@@ -567,6 +501,7 @@ def build_meta(config: CompileConfig, tokenizer, template: str, stats, writer) -
         "chat_template_source": config.chat_template or "tokenizer",
         "chat_template": template,
         "seq_length": config.seq_length,
+        "shard": {"index": config.shard_index, "count": config.num_shards} if config.num_shards > 1 else None,
         "mode": config.mode,
         "pack_seed": config.seed,
         "counts": {"num_packs": writer.num_packs, "num_conversations": writer.num_conversations,

@@ -53,11 +53,12 @@ from megatron_sft.data.readers import (
     RecordError,
     count_records,
     iter_records,
+    parse_json_line,
 )
 
 __all__ = [
     "DEFAULT_ROLE_MAP", "Conversation", "FormatKeys", "RawRecord", "RecordError", "REASONS",
-    "count_records", "iter_records", "normalize_record",
+    "count_records", "iter_records", "normalize_record", "parse_json_line",
 ]
 
 # Every reason this module and the readers can give, for reports and docs.
@@ -123,9 +124,26 @@ def _find_messages(payload: dict, keys: FormatKeys) -> list:
     present = ", ".join(sorted(map(str, payload))[:12]) or "none"
     raise RecordError(
         "unrecognized_format",
-        f"no {keys.messages!r} or {keys.conversations!r} key (keys present: {present}); "
-        "set the messages/conversations key names to match",
+        f"no {keys.messages!r} or {keys.conversations!r} key (keys present: {present}); {_key_hint(payload, keys)}",
     )
+
+
+def _key_hint(payload: dict, keys: FormatKeys) -> str:
+    """The flag that fixes a record whose message list sits under another key: the first key
+    holding a list of objects with a role (``--messages-key``) or from (``--conversations-key``)."""
+    for key, value in payload.items():
+        if isinstance(value, str) and value[:1] == "[":  # a list stored as JSON text
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                continue
+        first = value[0] if isinstance(value, list) and value else None
+        if isinstance(first, dict) and keys.role in first:
+            return f"{key!r} holds {keys.role!r}-keyed messages: pass --messages-key {key}"
+        if isinstance(first, dict) and keys.from_ in first:
+            return f"{key!r} holds {keys.from_!r}-keyed messages: pass --conversations-key {key}"
+    return ("pass --messages-key KEY (a list of role/content messages) or --conversations-key KEY "
+            "(a list of from/value messages) naming the key that holds the conversation")
 
 
 def _prepend_system(payload: dict, messages: list[dict]) -> None:

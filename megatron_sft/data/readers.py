@@ -11,6 +11,11 @@ Record numbering, the contract the compiler's provenance relies on:
   * In JSONL, blank (whitespace-only) lines are skipped and not counted; ``location`` keeps the
     physical 1-based line number (``data.jsonl:17``). In JSON lists, Parquet files and HF
     folders ``location`` is the 0-based row within that file (``data.parquet:#3``).
+
+Lazy JSONL (``iter_records(..., parse_jsonl=False)``): the line's bytes travel unparsed in
+``RawRecord.raw`` and ``RawRecord.parsed()`` (or :func:`parse_json_line`) decodes them later,
+with exactly the errors an eager read gives. The compiler uses this to move JSON parsing out of
+its single reading process into the encoding workers.
 """
 
 from __future__ import annotations
@@ -111,6 +116,15 @@ class RawRecord:
     """``path:line`` (JSONL, 1-based) or ``path:#row`` (JSON list, Parquet, HF; 0-based)."""
     payload: dict | None
     error: RecordError | None = field(default=None)
+    raw: bytes | None = field(default=None)
+    """The unparsed JSONL line (``parse_jsonl=False``); payload and error are then both None."""
+
+    def parsed(self) -> "RawRecord":
+        """This record with ``raw`` decoded into ``payload`` or ``error`` (itself when parsed)."""
+        if self.raw is None:
+            return self
+        payload, error = parse_json_line(self.raw, self.location)
+        return RawRecord(self.source_index, self.record_index, self.location, payload, error)
 
 
 def _kind(path: str) -> str:
@@ -156,21 +170,27 @@ def count_records(path: str) -> int:
         return sum(1 for line in f if line.strip())
 
 
-def iter_records(paths: list[str], keys: FormatKeys = FormatKeys()) -> Iterator[RawRecord]:
+def iter_records(paths: list[str], keys: FormatKeys = FormatKeys(), parse_jsonl: bool = True) -> Iterator[RawRecord]:
     """Yield every record of ``paths`` in order (see the module docstring for numbering).
 
     Streams JSONL, Parquet (row batches) and HF folders (memory-mapped); a JSON document is loaded
     whole. A broken JSON line, non-UTF-8 bytes or a row that is not an object yields a RawRecord
     with ``error`` set and the stream continues. Parquet/HF: when any of the columns named by
     ``keys`` (messages, conversations, tools) exist, only those are read, so wide tables stay cheap.
+    With ``parse_jsonl=False`` JSONL lines come unparsed in ``raw`` (see the module docstring).
     Raises FileNotFoundError/ValueError naming a missing or unreadable input before reading it.
     """
     paths = [os.fspath(p) for p in paths]
     kinds = [_kind(p) for p in paths]  # fail on a bad path before yielding anything
     record_index = 0
     for source_index, (path, kind) in enumerate(zip(paths, kinds)):
+        if kind == "jsonl" and not parse_jsonl:
+            for location, line in _jsonl_lines(path):
+                yield RawRecord(source_index, record_index, location, None, raw=line)
+                record_index += 1
+            continue
         if kind == "jsonl":
-            rows = _iter_jsonl(path)
+            rows = ((location, *parse_json_line(line, location)) for location, line in _jsonl_lines(path))
         elif kind == "json":
             rows = _iter_json(path)
         elif kind == "parquet":
@@ -186,27 +206,34 @@ def iter_records(paths: list[str], keys: FormatKeys = FormatKeys()) -> Iterator[
             record_index += 1
 
 
-def _iter_jsonl(path: str):
-    """(location, payload, error) per non-blank line; bytes are decoded per line so one bad line
-    does not poison the rest."""
+def parse_json_line(raw: bytes, location: str = "") -> tuple[dict | None, RecordError | None]:
+    """(payload, None) or (None, error) for one JSONL line; error details start with
+    ``location: `` when one is given. Bytes are decoded per line, so one bad line does not poison
+    the rest."""
+    where = f"{location}: " if location else ""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        bad = raw[e.start:e.start + 4]
+        return None, RecordError("non_utf8", f"{where}byte {e.start} of the line is not UTF-8 ({bad!r})")
+    try:
+        payload = json.loads(text)
+    except json.JSONDecodeError as e:
+        return None, RecordError("invalid_json", f"{where}{e.msg} at column {e.colno}")
+    if not isinstance(payload, dict):
+        return None, RecordError("not_an_object", f"{where}expected a JSON object, got {type(payload).__name__}")
+    return payload, None
+
+
+def _jsonl_lines(path: str):
+    """(location, line bytes) per non-blank line, a leading UTF-8 BOM removed."""
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
             if line_no == 1 and raw.startswith(_UTF8_BOM):
                 raw = raw[len(_UTF8_BOM):]
             if not raw.strip():
                 continue
-            location = f"{path}:{line_no}"
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                bad = raw[e.start:e.start + 4]
-                detail = f"{location}: byte {e.start} of the line is not UTF-8 ({bad!r})"
-                yield location, None, RecordError("non_utf8", detail)
-                continue
-            try:
-                yield location, json.loads(text), None
-            except json.JSONDecodeError as e:
-                yield location, None, RecordError("invalid_json", f"{location}: {e.msg} at column {e.colno}")
+            yield f"{path}:{line_no}", raw
 
 
 def _load_json_document(path: str) -> list | None:
@@ -236,7 +263,8 @@ def _load_json_document(path: str) -> list | None:
 def _iter_json(path: str):
     rows = _load_json_document(path)
     if rows is None:  # JSON Lines under a .json name
-        yield from _iter_jsonl(path)
+        for location, line in _jsonl_lines(path):
+            yield (location, *parse_json_line(line, location))
         return
     for i, row in enumerate(rows):
         yield f"{path}:#{i}", row, None

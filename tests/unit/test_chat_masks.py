@@ -372,3 +372,29 @@ def test_mask_error_fields():
     err = MaskError("span_not_found", "where and why")
     assert (err.reason, err.detail) == ("span_not_found", "where and why")
     assert str(err) == "span_not_found: where and why"
+
+
+REASONING_PART = "{% if message.reasoning_content %}<think>\n{{ message.reasoning_content }}\n</think>\n\n{% endif %}"
+
+
+@pytest.mark.parametrize("template_edit, not_rendered", [
+    ("as is", 0),  # renders every turn's reasoning
+    ("no reasoning", 2),  # Qwen2.5-like: renders none
+    ("last only", 1),  # Qwen3-like: only the last message's
+])
+def test_reasoning_a_template_drops_is_counted(tiny_tokenizer, template_edit, not_rendered):
+    from megatron_sft.data.tiny_tokenizer import CHATML_TEMPLATE
+
+    assert REASONING_PART in CHATML_TEMPLATE
+    template = {"as is": CHATML_TEMPLATE,
+                "no reasoning": CHATML_TEMPLATE.replace(REASONING_PART, ""),
+                "last only": CHATML_TEMPLATE.replace("{% if message.reasoning_content %}",
+                                                     "{% if message.reasoning_content and loop.last %}")}[template_edit]
+    chat = AGENT_CHAT[:5]  # two assistant turns with reasoning, the second one last
+    enc, runs = encode_and_runs(tiny_tokenizer, chat, chat_template=template)
+    assert enc.reasoning_not_rendered == not_rendered
+    supervised = "".join(runs)
+    assert ("I need the tool." in supervised) == (template_edit == "as is")
+    assert ("The tool said 20." in supervised) == (template_edit != "no reasoning")
+    plain = ChatMasker(tiny_tokenizer, chat_template=template).encode([AGENT_CHAT[1], AGENT_CHAT[6]])
+    assert plain.reasoning_not_rendered == 0  # no reasoning supplied, nothing lost

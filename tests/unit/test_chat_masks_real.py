@@ -341,3 +341,11 @@ def test_real_datasets_encode_or_fail_with_reason(setup):
             elif m["role"] != "assistant" and len(m.get("content", "").strip()) > 40:
                 assert m["content"].strip()[:200] not in supervised, name
     assert num_ok >= 150, num_ok  # every setup encodes all of its tool-free conversations at least
+
+
+@pytest.mark.parametrize("name, not_rendered", [("qwen2.5-instruct", 2), ("qwen3", 1)])
+def test_reasoning_the_real_templates_drop_is_counted(name, not_rendered):
+    # Qwen2.5's template has no reasoning at all; Qwen3's keeps only what follows the last user turn.
+    enc, text, _, _ = encode(tokenizer(name), CHAT)
+    assert enc.reasoning_not_rendered == not_rendered
+    assert ("Also geography." in text) == (not_rendered == 1) and "Geography." not in text

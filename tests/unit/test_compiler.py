@@ -195,14 +195,73 @@ def test_no_chat_template(tmp_path, tiny_tokenizer_dir, data):
 
 
 def test_tokenizer_without_vocabulary_files_is_refused(tmp_path, data):
-    """A template-only folder (tokenizer_config.json, no vocabulary) loads in transformers as a
-    7-token Gemma tokenizer mapping every word to <unk>: refused before anything is encoded."""
+    """A template-only folder (tokenizer_config.json, no vocabulary) would load in transformers as
+    a 7-token Gemma tokenizer mapping every word to <unk>: refused before anything is encoded,
+    with the fix (tests/unit/test_tokenizer_loading.py has every other case)."""
     from tests.conftest import fixture_path
 
     folder = fixture_path("tokenizers", "gemma-2-it")  # skips when the fixtures are absent
-    with pytest.raises(CompileError, match="unknown tokens.*vocabulary files"):
-        compile_dataset(_config(tmp_path, folder, [data]))
+    with pytest.raises(CompileError, match=r"holds a chat template .* but no vocabulary .* add --chat-template "):
+        compile_dataset(_config(tmp_path, folder, [data], workers=2))
     assert not (tmp_path / "out").exists() or os.listdir(tmp_path / "out") == []
+
+
+def test_too_long_under_fail_names_every_fix(tmp_path, tiny_tokenizer_dir, tiny_tokenizer):
+    path = _write_jsonl(tmp_path / "d.jsonl", [json.dumps(GOOD_1), json.dumps(LONG)])
+    length = ChatMasker(tiny_tokenizer).encode(LONG["messages"]).input_ids.size
+    with pytest.raises(CompileError) as info:
+        compile_dataset(_config(tmp_path, tiny_tokenizer_dir, [path], on_error="fail"))
+    assert str(info.value) == (
+        f"{path}:2: too_long: {length} tokens > --seq-length {SEQ_LENGTH}; pass --overlength truncate to keep its "
+        f"first {SEQ_LENGTH} tokens, --on-error skip to drop it (counted in the report), or --seq-length {length} or more")
+
+
+def test_unrecognized_format_under_fail_names_the_key_flag(tmp_path, tiny_tokenizer_dir):
+    history = {"id": 7, "history": GOOD_1["messages"]}
+    path = _write_jsonl(tmp_path / "d.jsonl", [json.dumps(history)])
+    with pytest.raises(CompileError, match=r"d.jsonl:1: unrecognized_format: no 'messages' or 'conversations' key "
+                                           r"\(keys present: history, id\); 'history' holds 'role'-keyed messages: "
+                                           r"pass --messages-key history; pass --on-error skip"):
+        compile_dataset(_config(tmp_path, tiny_tokenizer_dir, [path], on_error="fail", workers=2))
+    from megatron_sft.data.formats import FormatKeys
+
+    report = compile_dataset(_config(tmp_path, tiny_tokenizer_dir, [path], format_keys=FormatKeys(messages="history")))
+    assert report["records_kept"] == 1
+
+
+def test_reasoning_the_template_drops_is_counted_and_warned_once(tmp_path, tiny_tokenizer_dir, caplog):
+    from megatron_sft.data.tiny_tokenizer import CHATML_TEMPLATE
+
+    reasoning = "{% if message.reasoning_content %}<think>\n{{ message.reasoning_content }}\n</think>\n\n{% endif %}"
+    template = tmp_path / "no_reasoning.jinja"
+    template.write_text(CHATML_TEMPLATE.replace(reasoning, ""))
+    thinking = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "reasoning_content": "r1"},
+                             {"role": "user", "content": "q2"}, {"role": "assistant", "content": "b", "reasoning_content": "r2"}]}
+    path = _write_jsonl(tmp_path / "d.jsonl", [json.dumps(GOOD_1), json.dumps(thinking), json.dumps(thinking)])
+    for template_file, expected in ((None, {"records": 0, "turns": 0, "examples": []}),
+                                    (str(template), {"records": 2, "turns": 4, "examples": [f"{path}:2", f"{path}:3"]})):
+        caplog.clear()
+        report = compile_dataset(_config(tmp_path, tiny_tokenizer_dir, [path], chat_template=template_file))
+        assert report["reasoning_not_rendered"] == expected and report["records_kept"] == 3
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        if template_file is None:
+            assert not warnings
+        else:
+            assert len(warnings) == 1 and warnings[0].startswith("4 assistant turn(s) in 2 record(s) carry reasoning_content")
+            assert f"(e.g. {path}:2)" in warnings[0] and "--chat-template FILE" in warnings[0]
+            assert "reasoning not rendered by the template: 4 turns in 2 records" in compiler_module.format_summary(report)
+
+
+def test_report_timing(tmp_path, tiny_tokenizer_dir):
+    path = _many_records(tmp_path, "many.jsonl", 40)
+    for workers in (1, 2):
+        timing = compile_dataset(_config(tmp_path, tiny_tokenizer_dir, [path], workers=workers))["timing_s"]
+        assert set(timing) == {"startup_s", "encode_s", "parent_busy_s", "parent_cpu_s", "wait_s", "workers_cpu_s",
+                               "worker_startup_s", "import_wait_s", "import_cpu_s", "pack_write_s", "total_s"}
+        parts = timing["startup_s"] + timing["encode_s"] + timing["import_wait_s"] + timing["pack_write_s"]
+        assert timing["total_s"] >= parts - 0.002  # values are rounded to ms
+        assert timing["workers_cpu_s"] > 0 and (timing["wait_s"] > 0) == (workers == 2)
+        assert (timing["worker_startup_s"] > 0) == (workers == 2)  # the in-process encoder starts within the parent
 
 
 def _many_records(tmp_path, name, count, offset=0):
@@ -223,7 +282,7 @@ def test_workers_1_and_2_write_identical_bytes(tmp_path, tiny_tokenizer_dir):
         reports.append(compile_dataset(_config(tmp_path, tiny_tokenizer_dir, [path, bad], workers=workers, output_prefix=str(prefix))))
     for one, two in zip(indexed_paths(tmp_path / "w1" / "sft"), indexed_paths(tmp_path / "w2" / "sft")):
         assert Path(one).read_bytes() == Path(two).read_bytes()
-    drop = ("workers", "elapsed_s", "tokens_per_s", "output_prefix")
+    drop = ("workers", "elapsed_s", "tokens_per_s", "output_prefix", "timing_s")
     assert {k: v for k, v in reports[0].items() if k not in drop} == {k: v for k, v in reports[1].items() if k not in drop}
     assert reports[0]["conversations"] == 153  # 150 + GOOD_1, GOOD_2 and BOOM (no raising template here)
 

@@ -373,8 +373,15 @@ def test_messages_as_json_string_and_record_system():
 @pytest.mark.parametrize(
     "payload, reason, detail",
     [
-        ({"text": "x"}, "unrecognized_format", 
-         "no 'messages' or 'conversations' key (keys present: text); set the messages/conversations key names to match"),
+        ({"text": "x"}, "unrecognized_format",
+         "no 'messages' or 'conversations' key (keys present: text); pass --messages-key KEY (a list of role/content "
+         "messages) or --conversations-key KEY (a list of from/value messages) naming the key that holds the conversation"),
+        ({"id": 1, "history": [{"role": "user", "content": "q"}]}, "unrecognized_format",
+         "no 'messages' or 'conversations' key (keys present: history, id); 'history' holds 'role'-keyed messages: "
+         "pass --messages-key history"),
+        ({"dialog": json.dumps([{"from": "human", "value": "q"}])}, "unrecognized_format",
+         "no 'messages' or 'conversations' key (keys present: dialog); 'dialog' holds 'from'-keyed messages: "
+         "pass --conversations-key dialog"),
         ({"messages": {"a": 1}}, "unrecognized_format", "'messages' must be a list of messages, got dict"),
         ({"messages": "[oops"}, "unrecognized_format", None),
         ({"messages": [{"content": "x"}]}, "unrecognized_format", "message 0: neither 'role' nor 'from' key (keys: content)"),
