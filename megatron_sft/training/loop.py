@@ -22,7 +22,7 @@ import megatron_sft.mcore  # noqa: F401  (must precede megatron.core imports)
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_sft.config import SFTConfig, as_list, config_to_yaml
+from megatron_sft.config import SFTConfig, as_list, config_to_dict, config_to_yaml
 from megatron_sft.model.lm_head import SupervisedTargets, supervised_head_loss
 from megatron_sft.training import checkpoint as ckpt
 from megatron_sft.training.flops import causal_pairs, peak_tflops, step_flops
@@ -65,7 +65,8 @@ class Trainer:
             if self.train_sets else None
         self.step, self.skipped_in_row, self._stop, self._saved_step = 0, 0, False, None
         log_dir = cfg.logging.dir or cfg.checkpoint.save
-        self.metrics = MetricsWriter(log_dir, rank=self.rank, tensorboard=cfg.logging.tensorboard)
+        self.metrics = MetricsWriter(log_dir, rank=self.rank, tensorboard=cfg.logging.tensorboard,
+                                     wandb_project=cfg.logging.wandb_project, wandb_config=config_to_dict(cfg))
         self.peak = peak_tflops(torch.cuda.get_device_name() if torch.cuda.is_available() else None, cfg.training.bf16)
         if cfg.checkpoint.save:
             ckpt.check_save_dependencies()
