@@ -23,3 +23,16 @@ def add_to_hub_cache(hub_cache: Path, repo_id: str, files_from: Path, *, only=No
     (repo / "refs").mkdir(exist_ok=True)
     (repo / "refs" / "main").write_text(REVISION)
     return snapshot
+
+
+def offline_hub_cache(tmp_path: Path, monkeypatch) -> Path:
+    """An empty hub cache under ``tmp_path``, offline, with an endpoint that refuses connections
+    (never the real hub); returns the cache folder. For a pytest fixture."""
+    from huggingface_hub import constants
+
+    cache = Path(tmp_path) / "hf_home" / "hub"
+    cache.mkdir(parents=True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    return cache

@@ -42,14 +42,9 @@ def test_missing_directory_and_config(tmp_path):
 @pytest.fixture
 def offline_hub(tmp_path, monkeypatch):
     """An empty huggingface_hub cache, offline, with an endpoint that refuses connections."""
-    from huggingface_hub import constants
+    from tests.hf_cache import offline_hub_cache
 
-    cache = tmp_path / "hf_home" / "hub"
-    cache.mkdir(parents=True)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
-    return cache
+    return offline_hub_cache(tmp_path, monkeypatch)
 
 
 def test_hub_names_for_model_and_tokenizer(tiny_llama, tmp_path, offline_hub):

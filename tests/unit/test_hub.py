@@ -26,14 +26,9 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir):
 @pytest.fixture
 def hub(tmp_path, monkeypatch):
     """An empty hub cache, offline, with an endpoint that refuses connections (never the real hub)."""
-    from huggingface_hub import constants
+    from tests.hf_cache import offline_hub_cache
 
-    cache = tmp_path / "hf_home" / "hub"
-    cache.mkdir(parents=True)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
-    return cache
+    return offline_hub_cache(tmp_path, monkeypatch)
 
 
 def test_a_local_folder_wins_over_the_cache(hub, tiny_model_dir, tmp_path, monkeypatch):
