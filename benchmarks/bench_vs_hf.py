@@ -186,10 +186,36 @@ def pack_arrays(pack: dict, seq_length: int, attention: str) -> dict:
             "target_ids": labels[target_index]}
 
 
+_DOC_MASKS: dict = {}
+
+
+def document_block_mask(doc_ids: torch.Tensor, device):
+    """Same-conversation causal BlockMask of ``doc_ids`` [n].
+
+    One mask_mod and one device buffer per (n, device), refilled in place each call: the mask_mod's
+    closure stays the same object, so the compiled builder (GPU) is traced once, not once per pack
+    (a fresh closure per pack made torch.compile re-trace every step). A mask is valid until the
+    next call with the same n; every caller uses it before building the next one."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    n, key = len(doc_ids), (len(doc_ids), str(device))
+    if key not in _DOC_MASKS:
+        doc = torch.zeros(n, dtype=torch.int64, device=device)
+
+        def same_document_causal(b, h, q, kv):
+            return (doc[q] == doc[kv]) & (q >= kv)
+
+        cuda = torch.device(device).type == "cuda"  # the eager build would materialise S x S
+        _DOC_MASKS[key] = (doc, same_document_causal, torch.compile(create_block_mask) if cuda else create_block_mask)
+    doc, mask_mod, build = _DOC_MASKS[key]
+    doc.copy_(doc_ids)
+    return build(mask_mod, 1, None, n, n, device)
+
+
 def to_device(arrays: dict, mask_kind: str, device) -> dict:
     """Tensors on ``device`` plus ``mask``: same conversation and causal, as a flex BlockMask
     (``block``), that mask dense [1,1,S,S] bool for SDPA (``dense``), or None (``none``: causal)."""
-    from torch.nn.attention.flex_attention import create_block_mask, create_mask
+    from torch.nn.attention.flex_attention import create_mask
 
     batch = {k: torch.from_numpy(v).to(device, non_blocking=True) for k, v in arrays.items()}
     doc, n = batch["doc_ids"], len(arrays["doc_ids"])
@@ -200,8 +226,8 @@ def to_device(arrays: dict, mask_kind: str, device) -> dict:
     batch["mask"] = None
     if mask_kind == "dense":
         batch["mask"] = create_mask(same_document_causal, 1, 1, n, n, device)
-    elif mask_kind == "block":  # compiled on GPU: the eager build would materialise S x S
-        batch["mask"] = create_block_mask(same_document_causal, 1, None, n, n, device, _compile=doc.is_cuda)
+    elif mask_kind == "block":
+        batch["mask"] = document_block_mask(doc, device)
     return batch
 
 

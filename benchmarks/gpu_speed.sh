@@ -2,12 +2,12 @@
 # Speed variants of the trainer on one GPU, same packs for every variant (run on the GPU box after
 # the TE/Megatron kit of ../shared/device is installed):
 #   bash benchmarks/gpu_speed.sh [steps]
-# 1. data: tiny tokenizer, 3,000 synthetic chats packed at 16K; 24 long conversations (100-126K
-#    tokens each) packed at 128K;
+# 1. data: tiny tokenizer, 3,000 synthetic chats packed at 16K; per long length L of LONG_SEQS, 24
+#    conversations of 0.76-0.95 L tokens, one per pack;
 # 2. each variant: pretrain_sft.py on yaml_configs/llama3.2_1b_16k.yaml (1.5B Llama-3.2-1B shape)
 #    with its overrides; a summary line (medians after 3 warm-up steps) per variant;
 # 3. a torch.profiler breakdown of the default configuration (benchmarks/profile_step.py).
-# Results go to $OUT (the device tool's folder) or ./gpu_out. VARIANTS16/VARIANTS128 override the lists.
+# Results go to $OUT (the device tool's folder) or ./gpu_out. VARIANTS16, VARIANTS_LONG (at LONG_SEQS), STEPS_LONG override the lists.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 STEPS=${1:-12}
@@ -28,22 +28,26 @@ prep() {  # name, seq_length, generator args...
 }
 prep train16k 16384 --records 3000 --seed 1
 prep valid16k 16384 --records 200 --seed 2
-# Long agent-like conversations: 40-80 turns, 25-31K words in all (~4 tiny-tokenizer tokens a word).
-[ -f $D/train128k.jsonl ] || python3 - $D/train128k.jsonl <<'PY'
+# Long agent-like conversations, one per pack: 20-40 turn pairs, 76-95% of the pack length
+# (~4 tiny-tokenizer tokens a word), 24 of them per length.
+long_data() {  # seq_length
+  local seq=$1 name=long$1
+  [ -f $D/$name.jsonl ] || python3 - $D/$name.jsonl $seq <<'PY'
 import json, random, sys
 sys.path.insert(0, "benchmarks")
 from make_synthetic_chats import WORDS
-rng = random.Random(3)
+rng, seq = random.Random(3), int(sys.argv[2])
 with open(sys.argv[1], "w") as f:
     for _ in range(24):
-        total, turns = rng.randint(25000, 31000), rng.randint(20, 40)
+        total, turns = rng.randint(int(seq * 0.19), int(seq * 0.237)), rng.randint(20, 40)
         messages = [{"role": "system", "content": "You are a helpful agent."}]
         for _ in range(turns):
             for role in ("user", "assistant"):
                 messages.append({"role": role, "content": " ".join(rng.choice(WORDS) for _ in range(total // (2 * turns)))})
         f.write(json.dumps({"messages": messages}) + "\n")
 PY
-prep train128k 131072
+  prep $name $seq
+}
 
 summary() {  # name, metrics file
   python3 - "$1" "$2" <<'PY'
@@ -74,15 +78,19 @@ variant() {  # name, data, seq, global batch, steps, overrides...
   echo "$(summary $name $D/run_$name/metrics.jsonl)  rc=$rc" | tee -a "$OUT/summary.txt"
   [ $rc -eq 0 ] || grep -E "Error|error|OOM|out of memory" "$OUT/train_$name.log" | tail -3
 }
-IFS=';' read -ra V16 <<< "${VARIANTS16:-unfused_full_head:--training.fused_kernels=false --training.lm_head=full;fused_full_head:--training.lm_head=full;default:;fp8_tensorwise:--training.fp8=tensorwise;fp8_blockwise:--training.fp8=blockwise}"
+IFS=';' read -ra V16 <<< "${VARIANTS16-unfused_full_head:--training.fused_kernels=false --training.lm_head=full;fused_full_head:--training.lm_head=full;default:;fp8_tensorwise:--training.fp8=tensorwise;fp8_blockwise:--training.fp8=blockwise}"
 for v in "${V16[@]}"; do
   [ -n "$v" ] || continue
   variant "16k_${v%%:*}" train16k 16384 4 $STEPS ${v#*:}
 done
-IFS=';' read -ra V128 <<< "${VARIANTS128:-recompute_none:;recompute_selective:--training.recompute_granularity=selective}"
-for v in "${V128[@]}"; do
-  [ -n "$v" ] || continue
-  variant "128k_${v%%:*}" train128k 131072 1 ${STEPS128:-6} ${v#*:}
+# Long packs: every variant of VARIANTS_LONG at every length of LONG_SEQS (one pack per step).
+IFS=';' read -ra VLONG <<< "${VARIANTS_LONG-recompute_mlp:--training.recompute_granularity=selective --training.recompute_modules=[mlp]}"
+for seq in ${LONG_SEQS:-131072}; do
+  long_data $seq
+  for v in "${VLONG[@]}"; do
+    [ -n "$v" ] || continue
+    variant "long${seq}_${v%%:*}" long$seq $seq 1 ${STEPS_LONG:-6} ${v#*:}
+  done
 done
 if [ -z "${NO_PROFILE:-}" ]; then
   timeout 150 python3 benchmarks/profile_step.py --config yaml_configs/llama3.2_1b_16k.yaml \

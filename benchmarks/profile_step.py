@@ -48,6 +48,7 @@ def run(argv) -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--trace", help="write a Chrome trace here")
+    parser.add_argument("--gaps", type=int, default=12, help="list this many of the longest GPU idle gaps")
     args, overrides = parser.parse_known_args(argv)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29531")
@@ -69,12 +70,14 @@ def run(argv) -> None:
             trainer.train_step(next(batches), names)
         torch.cuda.synchronize()
         activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-        with torch.profiler.profile(activities=activities) as prof:
+        with torch.profiler.profile(activities=activities, with_stack=args.gaps > 0) as prof:
             start = time.perf_counter()
             records = [trainer.train_step(next(batches), names) for _ in range(args.steps)]
             torch.cuda.synchronize()
             wall = (time.perf_counter() - start) / args.steps
         report(prof, wall, records, args.steps)
+        if args.gaps:
+            report_gaps(prof, args.gaps)
         if args.trace:
             prof.export_chrome_trace(args.trace)
     finally:
@@ -100,6 +103,32 @@ def report(prof, wall: float, records, steps: int) -> None:
     print("\ntop kernels (ms per step):")
     for name, seconds in sorted(kernels.items(), key=lambda kv: -kv[1])[:25]:
         print(f"  {seconds * 1e3:8.2f}  [{category(name)}] {name[:140]}")
+
+
+def report_gaps(prof, top: int) -> None:
+    """The longest stretches with no kernel on the GPU, each with what the host ran meanwhile: the
+    CPU ops that started inside the gap and the Python frames (ours / Megatron) of the first one."""
+    events = prof.events()
+    kernels = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda e: e.time_range.start)
+    cpu = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CPU),
+                 key=lambda e: e.time_range.start)
+    gaps, busy_until = [], None
+    for k in kernels:
+        if busy_until is not None and k.time_range.start - busy_until > 200:  # us
+            gaps.append((k.time_range.start - busy_until, busy_until, k.time_range.start, k.name))
+        busy_until = max(busy_until or 0, k.time_range.end)
+    total = sum(g[0] for g in gaps)
+    print(f"\nGPU idle gaps > 0.2 ms: {len(gaps)}, {total / 1e3:.1f} ms in the profiled steps")
+    starts = [e.time_range.start for e in cpu]
+    import bisect
+    for length, begin, end, next_kernel in sorted(gaps, reverse=True)[:top]:
+        inside = cpu[bisect.bisect_left(starts, begin):bisect.bisect_left(starts, end)]
+        names = list(dict.fromkeys(e.name for e in inside))[:6]
+        frames = [f for e in inside[:1] for f in (e.stack or []) if "megatron" in f or "benchmarks" in f][:4]
+        print(f"  {length / 1e3:7.2f} ms before {next_kernel[:60]!r}: host ran {names}")
+        for f in frames:
+            print(f"           at {f[:150]}")
 
 
 if __name__ == "__main__":

@@ -177,7 +177,11 @@ class TrainingConfig:
     this scaling recipe (Megatron's fp8_recipe; format hybrid: e4m3 forward, e5m2 gradients).
     Embedding, LM head and attention stay bf16. None = bf16 only."""
     recompute_granularity: Literal["none", "selective", "full"] = "none"
-    """Activation recomputation: ``selective`` recomputes core attention, ``full`` whole layers."""
+    """Activation recomputation: ``selective`` recomputes ``recompute_modules``, ``full`` whole layers."""
+    recompute_modules: Optional[List[Literal["core_attn", "mlp", "layernorm"]]] = None
+    """With selective recompute: the submodules recomputed in backward (Megatron's names). None =
+    Megatron's default ``[core_attn]``; ``[mlp]`` keeps only each MLP's input (long packs: the MLP
+    activations are ~2/3 of a layer's, its FLOPs a small share of the step at 128K)."""
     recompute_method: Optional[Literal["uniform", "block"]] = None
     """With full recompute: ``uniform`` chunks of recompute_num_layers, ``block`` the first N layers."""
     recompute_num_layers: Optional[int] = None
@@ -762,6 +766,9 @@ def _check_devices(cfg, world_size, has_cuda, issues):
     if t.recompute_granularity == "full" and (t.recompute_method is None or t.recompute_num_layers is None):
         issues.append("training.recompute_granularity='full' needs training.recompute_method (uniform|block) "
                       "and training.recompute_num_layers: set both (e.g. uniform and 1)")
+    if t.recompute_modules is not None and t.recompute_granularity != "selective":
+        issues.append(f"training.recompute_modules only applies to selective recompute "
+                      f"(recompute_granularity={t.recompute_granularity!r}): unset it or set selective")
     if t.recompute_granularity != "full" and (t.recompute_method or t.recompute_num_layers):
         issues.append(f"training.recompute_method/recompute_num_layers only apply to full recompute "
                       f"(recompute_granularity={t.recompute_granularity!r}): unset them")

@@ -32,7 +32,7 @@ def build_model(cfg: SFTConfig) -> List[torch.nn.Module]:
         recompute_granularity=None if t.recompute_granularity == "none" else t.recompute_granularity,
         recompute_method=t.recompute_method if full else None,
         recompute_num_layers=t.recompute_num_layers if full else None,
-        overrides=speed_overrides(cfg, backend),
+        overrides={**speed_overrides(cfg, backend), **recompute_overrides(cfg)},
     )
     chunks = model_build.build_model_chunks(cfg.model, cfg.parallel, backend=backend,
                                             transformer_config=transformer_config)
@@ -65,6 +65,12 @@ def speed_overrides(cfg: SFTConfig, backend: str) -> dict:
     if t.fp8:
         out.update(fp8="hybrid", fp8_recipe=t.fp8)
     return out
+
+
+def recompute_overrides(cfg: SFTConfig) -> dict:
+    """TransformerConfig ``recompute_modules`` for selective recompute (a copy: Megatron appends)."""
+    t = cfg.training
+    return {} if t.recompute_modules is None else {"recompute_modules": list(t.recompute_modules)}
 
 
 def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:

@@ -31,12 +31,13 @@ def losses(records):
     ["--training.recompute_granularity=full", "--training.recompute_method=uniform",
      "--training.recompute_num_layers=1"],
     ["--training.recompute_granularity=selective"],
+    ["--training.recompute_granularity=selective", "--training.recompute_modules=[mlp]"],
     ["--training.lm_head=full"],  # the reference runs the default: supervised positions only, chunked
     ["--training.lm_head_chunk_tokens=5"],
-], ids=["workers", "full_recompute", "selective_recompute", "full_lm_head", "small_lm_head_chunks"])
+], ids=["workers", "full_recompute", "selective_recompute", "mlp_recompute", "full_lm_head", "small_lm_head_chunks"])
 def test_option_keeps_the_numbers(setup, option):
     root, config, _, _, reference = setup
-    name = option[0].split(".")[-1].replace("=", "_")
+    name = "_".join(o.split(".")[-1] for o in option).translate(str.maketrans("=[],", "____"))
     run(config, *option, f"--logging.dir={root / name}")
     assert losses(train_records(root / name)) == pytest.approx(losses(reference), rel=1e-6)
 

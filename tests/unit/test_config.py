@@ -113,6 +113,7 @@ def test_bad_combinations_all_reported_with_key_value_and_fix(tmp_path):
     (["--training.lr_warmup_steps=11"], "lr_warmup_steps=11 must be <= the decay steps (10)"),
     (["--training.recompute_granularity=full"], "needs training.recompute_method"),
     (["--training.recompute_num_layers=2"], "only apply to full recompute"),
+    (["--training.recompute_modules=[mlp]"], "recompute_modules only applies to selective"),
     (["--checkpoint.save_interval_steps=5"], "needs checkpoint.save"),
     (["--data.valid_prefix=null", "--training.eval_interval_steps=5"], "needs data.valid_prefix"),
     (["--data.train_weights=[1, 2]"], "data.train_weights has 2 entries for 1 train prefixes"),
