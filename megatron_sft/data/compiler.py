@@ -53,6 +53,7 @@ from megatron_sft.data.mixing import PseudoMultiTurn, sample_mixture
 from megatron_sft.data.packing import pack_lengths, packing_stats
 from megatron_sft.data.reports import (CompileError, Tally, build_report, format_summary, reasoning_warning,
                                        shard_prefix)
+from megatron_sft.data.tokenizer_identity import HASH_KEY, vocab_sha256
 from megatron_sft.data.tokenizer_loading import load_tokenizer, resolve_chat_template, resolve_tokenizer
 
 __all__ = ["CompileConfig", "CompileError", "compile_dataset", "format_summary", "load_tokenizer",
@@ -493,6 +494,7 @@ def build_meta(config: CompileConfig, tokenizer, template: str, stats, writer) -
     return {
         "format_version": FORMAT_VERSION,
         "tokenizer": config.tokenizer,
+        HASH_KEY: vocab_sha256(tokenizer),
         "tokenizer_class": type(tokenizer).__name__,
         "vocab_size": len(tokenizer),
         "eos_token_id": tokenizer.eos_token_id,

@@ -108,7 +108,7 @@ def check_part_layout(problems: _Problems, path: str, lengths: np.ndarray, point
     total = int(ends[-1]) if num else 0
     actual = os.path.getsize(path + ".bin")
     if actual != total:
-        problems.append(f"{path}.bin has {actual} bytes, {os.path.basename(path)}.idx describes {total}")
+        problems.append(f"{path}.bin has {actual} bytes, its index describes {total} ({os.path.basename(path)}.idx)")
     return len(problems) == before
 
 

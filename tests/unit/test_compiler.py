@@ -17,6 +17,7 @@ from megatron_sft.data.chat_masks import ChatMasker
 from megatron_sft.data.compiler import CompileConfig, CompileError, compile_dataset
 from megatron_sft.data.indexed import indexed_paths, meta_path, output_paths, report_path
 from megatron_sft.data.tiny_tokenizer import CHATML_TEMPLATE
+from megatron_sft.data.tokenizer_identity import vocab_sha256
 
 RAISING_TEMPLATE = (
     "{% for m in messages %}{% if 'BOOM' in m.content %}"
@@ -139,6 +140,7 @@ def test_skip_counts_every_bad_kind_and_keeps_exact_conversations(tmp_path, tiny
     meta = dataset.meta
     assert meta["seq_length"] == SEQ_LENGTH and meta["mode"] == "assistant" and meta["pack_seed"] == 5
     assert meta["chat_template"] == RAISING_TEMPLATE and len(meta["chat_template_sha256"]) == 64
+    assert meta["tokenizer_vocab_sha256"] == vocab_sha256(tiny_tokenizer)
     assert meta["vocab_size"] == len(tiny_tokenizer) and meta["eos_token_id"] == tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert meta["end_of_turn_token_ids"] == [tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")]
     assert meta["counts"]["num_conversations"] == 2 and meta["versions"]["megatron-core"].startswith("0.19")
