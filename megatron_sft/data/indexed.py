@@ -30,6 +30,8 @@ import numpy as np
 import megatron_sft.mcore  # noqa: F401  (must precede megatron.core imports)
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 from megatron_sft.data.integrity import FIX, check_file_set, check_index_header
+from megatron_sft.data.output_files import (PART_NAMES, indexed_paths, meta_path, output_paths,  # noqa: F401
+                                            part_prefix, report_path)
 
 FORMAT_VERSION = 1
 TOKENS_DTYPE = np.int32
@@ -38,29 +40,7 @@ PROVENANCE_DTYPE = np.int64
 PROVENANCE_WIDTH = 2  # (source_index, record_index)
 
 _INDEXED_PARTS = {"tokens": TOKENS_DTYPE, "loss_mask": LOSS_MASK_DTYPE, "provenance": PROVENANCE_DTYPE}
-
-
-def part_prefix(prefix: str | os.PathLike, part: str) -> str:
-    """``PREFIX_tokens`` etc.: the Megatron path prefix of one indexed part."""
-    return f"{os.fspath(prefix)}_{part}"
-
-
-def meta_path(prefix: str | os.PathLike) -> str:
-    return f"{os.fspath(prefix)}.meta.json"
-
-
-def report_path(prefix: str | os.PathLike) -> str:
-    return f"{os.fspath(prefix)}.report.json"
-
-
-def indexed_paths(prefix: str | os.PathLike) -> list[str]:
-    """The six .bin/.idx paths of a packed file set."""
-    return [part_prefix(prefix, part) + ext for part in _INDEXED_PARTS for ext in (".bin", ".idx")]
-
-
-def output_paths(prefix: str | os.PathLike) -> list[str]:
-    """Every file of a packed file set; ``meta.json`` last (it is published last)."""
-    return indexed_paths(prefix) + [report_path(prefix), meta_path(prefix)]
+assert tuple(_INDEXED_PARTS) == PART_NAMES
 
 
 def check_range(values: np.ndarray, low: int, high: int, what: str) -> None:
