@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_sft.data.compiler import CompileConfig, CompileError, compile_dataset, format_summary  # noqa: E402
 from megatron_sft.data.formats import FormatKeys  # noqa: E402
+from megatron_sft.data.readers import MissingExtraError  # noqa: E402
 
 
 def _floats(text: str) -> list[float]:
@@ -97,7 +98,7 @@ def main(argv=None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except CompileError as err:
+    except (CompileError, MissingExtraError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(format_summary(report))
