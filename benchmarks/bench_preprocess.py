@@ -149,7 +149,8 @@ def bench_one_core(args) -> None:
         plain_tokens, plain_s = bench_plain(tokenizer, conversations)
         masked_tokens, masked_s = bench_masker(masker, conversations)
         config = CompileConfig(inputs=inputs, tokenizer=tokenizer_dir, output_prefix=os.path.join(tmp, "out", "bench"),
-                               seq_length=args.seq_length, on_error="skip", overlength="truncate", progress=False)
+                               seq_length=args.seq_length, on_error="skip", overlength="truncate", progress=False,
+                               overwrite=True)
         import megatron_sft.data.indexed  # noqa: F401  (one-time Megatron import, outside the timing)
 
         # Fixed cost of a run (tokenizer load, counting, temp files): a one-record run.
@@ -247,7 +248,8 @@ def _run_cli(tokenizer_dir: str, path: str, prefix: str, workers: int, seq_lengt
 
     command = [sys.executable, os.path.join(REPO_ROOT, "tools", "preprocess_data.py"), "--input", path,
                "--tokenizer", tokenizer_dir, "--output-prefix", prefix, "--seq-length", str(seq_length),
-               "--workers", str(workers), "--on-error", "skip", "--overlength", "truncate", "--no-progress"]
+               "--workers", str(workers), "--on-error", "skip", "--overlength", "truncate", "--no-progress",
+               "--overwrite"]
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
     wall = time.perf_counter() - start

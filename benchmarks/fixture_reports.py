@@ -37,7 +37,7 @@ def main() -> int:
         load = FIXTURES / "tokenizers" / "qwen2.5-instruct" if template_only else tokenizer
         cmd = [sys.executable, str(REPO / "tools" / "preprocess_data.py"), "--input", inputs, "--tokenizer",
                str(load), "--output-prefix", str(prefix), "--seq-length", str(args.seq_length),
-               "--on-error", "skip", "--no-progress"]
+               "--on-error", "skip", "--no-progress", "--overwrite"]
         if template_only:
             cmd += ["--chat-template", str(tokenizer / "chat_template.jinja")]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)

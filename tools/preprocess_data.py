@@ -9,7 +9,8 @@ Writes PREFIX_{tokens,loss_mask,provenance}.{bin,idx}, PREFIX.meta.json and PREF
 each: tools/launch/preprocess_array.sbatch) it writes shard I as PREFIX_shardI; merge the shards'
 reports with tools/merge_reports.py PREFIX and train on the shards as a blend. Exit code 0 on
 success, 1 when the run stopped (bad record under --on-error fail, unusable tokenizer or chat
-template, nothing kept), 2 for invalid flags.
+template, nothing kept, output prefix exists without --overwrite, disk full / read-only / no
+permission at the output), 2 for invalid flags.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_sft.data.compiler import CompileConfig, CompileError, compile_dataset, format_summary  # noqa: E402
 from megatron_sft.data.formats import FormatKeys  # noqa: E402
+from megatron_sft.data.readers import MissingExtraError  # noqa: E402
 
 
 def _floats(text: str) -> list[float]:
@@ -56,6 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shard-index", type=int, default=0,
                    help="shard to write (0..N-1): conversations whose first record index %% N is this; "
                    "output PREFIX_shard<index>")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing file set at --output-prefix (without it an existing one is an error)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return p.parse_args(argv)
 
@@ -80,6 +84,7 @@ def config_from_args(args: argparse.Namespace) -> CompileConfig:
         num_shards=args.num_shards,
         shard_index=args.shard_index,
         progress=not args.no_progress,
+        overwrite=args.overwrite,
     )
 
 
@@ -93,7 +98,7 @@ def main(argv=None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except CompileError as err:
+    except (CompileError, MissingExtraError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(format_summary(report))

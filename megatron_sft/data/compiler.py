@@ -36,7 +36,6 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 import threading
 import time
 from array import array
@@ -50,9 +49,11 @@ from megatron_sft.data.encode_pool import (Block, Clock, Dropped, EncodePool, En
                                            encode_in_order, read_spill, start_fork_server)
 from megatron_sft.data.formats import FormatKeys, RecordError, count_records, iter_records, normalize_record
 from megatron_sft.data.mixing import PseudoMultiTurn, sample_mixture
+from megatron_sft.data.output_files import clean_stale_staging, make_staging_dir, refuse_existing_output, write_error
 from megatron_sft.data.packing import pack_lengths, packing_stats
 from megatron_sft.data.reports import (CompileError, Tally, build_report, format_summary, reasoning_warning,
                                        shard_prefix)
+from megatron_sft.data.tokenizer_identity import HASH_KEY, vocab_sha256
 from megatron_sft.data.tokenizer_loading import load_tokenizer, resolve_chat_template, resolve_tokenizer
 
 __all__ = ["CompileConfig", "CompileError", "compile_dataset", "format_summary", "load_tokenizer",
@@ -102,6 +103,8 @@ class CompileConfig:
     """Which shard this run writes: conversations whose first record_index % num_shards equals it."""
     progress: bool = True
     """Show tqdm progress bars (stderr)."""
+    overwrite: bool = False
+    """Replace an existing file set at the output prefix (without it, an existing one is an error)."""
 
     def validate(self) -> None:
         """Raise ValueError listing every problem at once."""
@@ -332,25 +335,34 @@ def compile_dataset(config: CompileConfig) -> dict:
     """Run the compiler; returns the report (also written to PREFIX.report.json).
 
     Raises ValueError for invalid settings and CompileError for a run that must stop (the first
-    bad record under on_error="fail", an unusable tokenizer or template, nothing left to write);
-    in both cases no output file is left behind.
+    bad record under on_error="fail", an unusable tokenizer or template, nothing left to write, an
+    existing output without ``overwrite``, a disk full / read-only / permission error naming the
+    path); in both cases no output file is left behind. Leftover staging folders of interrupted
+    runs of the same prefix are removed or reported first (``output_files``).
     """
     config.validate()
     timing = {"started": time.perf_counter()}
-    folder = resolve_tokenizer(config.tokenizer)  # a download happens here, before any worker starts
     out_prefix = config.shard_output_prefix()
-    out_dir = os.path.dirname(os.path.abspath(out_prefix))
-    os.makedirs(out_dir, exist_ok=True)
-    if config.workers > 1:
-        start_fork_server()  # imports transformers in the background while this process does too
-    tmp_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(out_prefix)}.tmp-", dir=out_dir)
+    refuse_existing_output(out_prefix, config.overwrite)
+    folder = resolve_tokenizer(config.tokenizer)  # a download happens here, before any worker starts
     try:
-        template_text = resolve_chat_template(None, config.chat_template) if config.chat_template else None
-        settings = EncodeSettings(folder, template_text, config.mode, config.seq_length, config.overlength,
-                                  config.format_keys, spill_dir=tmp_dir)
-        return _compile(config, settings, tmp_dir, timing)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+        os.makedirs(os.path.dirname(os.path.abspath(out_prefix)), exist_ok=True)
+        clean_stale_staging(out_prefix)
+        if config.workers > 1:
+            start_fork_server()  # imports transformers in the background while this process does too
+        tmp_dir = make_staging_dir(out_prefix)
+        try:
+            template_text = resolve_chat_template(None, config.chat_template) if config.chat_template else None
+            settings = EncodeSettings(folder, template_text, config.mode, config.seq_length, config.overlength,
+                                      config.format_keys, spill_dir=tmp_dir)
+            return _compile(config, settings, tmp_dir, timing)
+        finally:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+    except OSError as err:  # disk full, read-only, permission: a message with the path, not a traceback
+        user_error = write_error(err, out_prefix)
+        if user_error is None:
+            raise
+        raise user_error from err
 
 
 class _BackgroundImport(threading.Thread):
@@ -452,6 +464,7 @@ def config_as_dict(config: CompileConfig) -> dict:
     values = dataclasses.asdict(config)
     values["format_keys"] = {k: v for k, v in values["format_keys"].items() if k != "role_map"}
     values.pop("progress")
+    values.pop("overwrite")
     return values
 
 
@@ -493,6 +506,7 @@ def build_meta(config: CompileConfig, tokenizer, template: str, stats, writer) -
     return {
         "format_version": FORMAT_VERSION,
         "tokenizer": config.tokenizer,
+        HASH_KEY: vocab_sha256(tokenizer),
         "tokenizer_class": type(tokenizer).__name__,
         "vocab_size": len(tokenizer),
         "eos_token_id": tokenizer.eos_token_id,

@@ -6,7 +6,8 @@ Files under one ``PREFIX`` (see DESIGN.md, "Data contract"):
 - ``PREFIX_loss_mask.bin/.idx``   uint8, ``loss_mask[j] == 1`` iff ``tokens[j]`` is a supervised
   target;
 - ``PREFIX_provenance.bin/.idx``  int64, one sequence ``(source_index, record_index)`` per
-  conversation;
+  conversation; ``record_index`` counts records over all inputs in ``--input`` order (global,
+  not per file), as ``readers.iter_records`` numbers them;
 - ``PREFIX.meta.json``, ``PREFIX.report.json``.
 
 In all three indexed datasets one *document* is one pack (a training sequence) and one
@@ -27,7 +28,10 @@ from pathlib import Path
 import numpy as np
 
 import megatron_sft.mcore  # noqa: F401  (must precede megatron.core imports)
-from megatron.core.datasets.indexed_dataset import _INDEX_HEADER, IndexedDataset, IndexedDatasetBuilder
+from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+from megatron_sft.data.integrity import FIX, check_file_set, check_index_header
+from megatron_sft.data.output_files import (PART_NAMES, indexed_paths, meta_path, output_paths,  # noqa: F401
+                                            part_prefix, report_path)
 
 FORMAT_VERSION = 1
 TOKENS_DTYPE = np.int32
@@ -36,29 +40,7 @@ PROVENANCE_DTYPE = np.int64
 PROVENANCE_WIDTH = 2  # (source_index, record_index)
 
 _INDEXED_PARTS = {"tokens": TOKENS_DTYPE, "loss_mask": LOSS_MASK_DTYPE, "provenance": PROVENANCE_DTYPE}
-
-
-def part_prefix(prefix: str | os.PathLike, part: str) -> str:
-    """``PREFIX_tokens`` etc.: the Megatron path prefix of one indexed part."""
-    return f"{os.fspath(prefix)}_{part}"
-
-
-def meta_path(prefix: str | os.PathLike) -> str:
-    return f"{os.fspath(prefix)}.meta.json"
-
-
-def report_path(prefix: str | os.PathLike) -> str:
-    return f"{os.fspath(prefix)}.report.json"
-
-
-def indexed_paths(prefix: str | os.PathLike) -> list[str]:
-    """The six .bin/.idx paths of a packed file set."""
-    return [part_prefix(prefix, part) + ext for part in _INDEXED_PARTS for ext in (".bin", ".idx")]
-
-
-def output_paths(prefix: str | os.PathLike) -> list[str]:
-    """Every file of a packed file set; ``meta.json`` last (it is published last)."""
-    return indexed_paths(prefix) + [report_path(prefix), meta_path(prefix)]
+assert tuple(_INDEXED_PARTS) == PART_NAMES
 
 
 def check_range(values: np.ndarray, low: int, high: int, what: str) -> None:
@@ -156,27 +138,14 @@ class PackedWriter:
 
 
 def _open_part(prefix: str, part: str) -> IndexedDataset:
-    """Open one indexed part, turning Megatron's asserts on corrupt files into ValueError."""
+    """Open one indexed part once its header and size are known good (``integrity``), turning
+    whatever Megatron's reader still raises into ValueError naming the file."""
     path = part_prefix(prefix, part)
-    with open(path + ".idx", "rb") as f:
-        header = f.read(len(_INDEX_HEADER))
-    if header != _INDEX_HEADER:
-        raise ValueError(f"packed dataset {prefix}: {path}.idx is not a Megatron index file (bad header)")
+    check_index_header(path + ".idx", _INDEXED_PARTS[part])
     try:
-        dataset = IndexedDataset(path)
+        return IndexedDataset(path)
     except (AssertionError, ValueError, OSError) as err:
-        raise ValueError(f"packed dataset {prefix}: cannot read {path}.idx/.bin: {err or type(err).__name__}") from err
-    expected = _INDEXED_PARTS[part]
-    if dataset.index.dtype != expected:
-        raise ValueError(
-            f"packed dataset {prefix}: {path} holds {np.dtype(dataset.index.dtype).name}, expected {np.dtype(expected).name}"
-        )
-    lengths, pointers = dataset.index.sequence_lengths, dataset.index.sequence_pointers
-    needed = int(pointers[-1]) + int(lengths[-1]) * np.dtype(expected).itemsize if len(lengths) else 0
-    actual = os.path.getsize(path + ".bin")
-    if actual != needed:
-        raise ValueError(f"packed dataset {prefix}: {path}.bin has {actual} bytes, its index describes {needed}")
-    return dataset
+        raise ValueError(f"packed dataset {prefix}: cannot read {path}.idx/.bin: {err or type(err).__name__}; {FIX}") from err
 
 
 class PackedDataset:
@@ -186,11 +155,15 @@ class PackedDataset:
         tokens        int32 [n]       the pack's real tokens (no padding), n <= seq_length
         loss_mask     uint8 [n]       1 iff tokens[j] is a supervised target
         cu_seqlens    int32 [c + 1]   conversation boundaries, 0 ... n
-        source_index  int64 [c]       input file of each conversation
-        record_index  int64 [c]       record (line / list position) in that file
+        source_index  int64 [c]       input file of each conversation (position in ``--input``)
+        record_index  int64 [c]       its record number over all inputs concatenated in --input
+                                      order (global, not per file: file 0's records first),
+                                      non-blank JSONL lines / list items / rows counted from 0
 
-    Opening validates the set: a missing file raises FileNotFoundError naming it; the parts
-    disagreeing with each other or with the meta raise ValueError naming the prefix.
+    Opening validates the set (``integrity``: index pointers against the lengths, pack
+    boundaries, file sizes, loss-mask and token values, provenance; then the meta's counts and
+    seq_length): a missing file raises FileNotFoundError naming it; anything inconsistent one
+    ValueError naming the files, the pack and the fix.
     """
 
     def __init__(self, prefix: str | os.PathLike):
@@ -211,14 +184,12 @@ class PackedDataset:
         self.num_tokens = int(self._lengths.sum())
 
     def _validate(self) -> None:
-        tok, mask, prov = self._tokens, self._loss_mask, self._provenance
+        """Structure and values (``integrity.check_file_set``), then the meta's counts and seq_length."""
+        parts = {"tokens": self._tokens, "loss_mask": self._loss_mask, "provenance": self._provenance}
+        check_file_set(self.prefix, {part: part_prefix(self.prefix, part) for part in parts}, parts, self.meta,
+                       PROVENANCE_WIDTH)
+        tok = self._tokens
         problems = []
-        if not np.array_equal(tok.sequence_lengths, mask.sequence_lengths):
-            problems.append("tokens and loss_mask sequence lengths differ")
-        if not (np.array_equal(tok.document_indices, mask.document_indices) and np.array_equal(tok.document_indices, prov.document_indices)):
-            problems.append("tokens, loss_mask and provenance disagree on pack boundaries")
-        if len(prov) != len(tok) or (len(prov) and not np.all(prov.sequence_lengths == PROVENANCE_WIDTH)):
-            problems.append(f"provenance must hold one ({PROVENANCE_WIDTH},) entry per conversation")
         counts = self.meta.get("counts", {})
         for key, actual in (
             ("num_packs", len(tok.document_indices) - 1),
@@ -231,9 +202,11 @@ class PackedDataset:
         if seq_length is not None and len(tok):
             pack_tokens = np.add.reduceat(np.asarray(tok.sequence_lengths, dtype=np.int64), tok.document_indices[:-1])
             if pack_tokens.max() > seq_length:
-                problems.append(f"a pack holds {int(pack_tokens.max())} tokens > seq_length {seq_length}")
+                problems.append(f"pack {int(pack_tokens.argmax())} holds {int(pack_tokens.max())} tokens > "
+                                f"seq_length {seq_length}")
         if problems:
-            raise ValueError(f"packed dataset {self.prefix} is inconsistent: " + "; ".join(problems))
+            raise ValueError(f"packed dataset {self.prefix} is inconsistent with {meta_path(self.prefix)}: "
+                             + "; ".join(problems) + f"; {FIX}")
 
     def __len__(self) -> int:
         return len(self._doc_index) - 1

@@ -127,6 +127,25 @@ class RawRecord:
         return RawRecord(self.source_index, self.record_index, self.location, payload, error)
 
 
+class MissingExtraError(ImportError):
+    """An optional package needed for an input (pyarrow, datasets) is not installed; the message
+    names the file and the install command."""
+
+
+def _optional(module: str, path: str):
+    """Import ``module`` (pyarrow, datasets: the ``formats`` extra of setup.py) for reading
+    ``path``; MissingExtraError when it is not installed."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        package = module.split(".")[0]
+        raise MissingExtraError(f"reading {path} needs {package}, which is not installed ({err}): install the "
+                                "formats extra, pip install -e '.[formats]' in the megatron-sft checkout "
+                                "(or pip install pyarrow datasets)") from None
+
+
 def _kind(path: str) -> str:
     """The reader for ``path``; raises FileNotFoundError/ValueError naming it."""
     if not os.path.exists(path):
@@ -157,9 +176,11 @@ def count_records(path: str) -> int:
     path = os.fspath(path)
     kind = _kind(path)
     if kind == "parquet":
-        import pyarrow.parquet as pq
-
-        return pq.ParquetFile(path).metadata.num_rows
+        pq = _optional("pyarrow.parquet", path)
+        try:
+            return pq.ParquetFile(path).metadata.num_rows
+        except Exception as e:  # pyarrow raises ArrowInvalid/OSError for non-parquet bytes
+            raise ValueError(f"{path}: unreadable parquet file: {e}") from None
     if kind == "hf":
         return len(_load_hf(path))
     if kind == "json":
@@ -178,7 +199,9 @@ def iter_records(paths: list[str], keys: FormatKeys = FormatKeys(), parse_jsonl:
     with ``error`` set and the stream continues. Parquet/HF: when any of the columns named by
     ``keys`` (messages, conversations, tools) exist, only those are read, so wide tables stay cheap.
     With ``parse_jsonl=False`` JSONL lines come unparsed in ``raw`` (see the module docstring).
-    Raises FileNotFoundError/ValueError naming a missing or unreadable input before reading it.
+    Raises FileNotFoundError/ValueError naming a missing or unreadable input before reading it, and
+    MissingExtraError naming the file and ``pip install -e '.[formats]'`` when a Parquet file or HF
+    folder needs pyarrow / datasets and they are not installed.
     """
     paths = [os.fspath(p) for p in paths]
     kinds = [_kind(p) for p in paths]  # fail on a bad path before yielding anything
@@ -277,7 +300,7 @@ def _projection(column_names, keys: FormatKeys) -> list[str] | None:
 
 
 def _iter_parquet(path: str, keys: FormatKeys):
-    import pyarrow.parquet as pq
+    pq = _optional("pyarrow.parquet", path)
 
     try:
         pf = pq.ParquetFile(path)
@@ -292,7 +315,7 @@ def _iter_parquet(path: str, keys: FormatKeys):
 
 
 def _load_hf(path: str):
-    import datasets
+    datasets = _optional("datasets", path)
 
     try:
         ds = datasets.load_from_disk(path)

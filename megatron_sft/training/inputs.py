@@ -9,6 +9,7 @@ packed sequence layout; the CP split is done per CP rank by ``build_micro_batch`
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence, Tuple
@@ -19,6 +20,8 @@ import torch
 from megatron_sft.config import SFTConfig, as_list
 from megatron_sft.data.batches import MicroBatch, build_micro_batch, padding_multiples
 from megatron_sft.training.sampler import SampleStream, micro_batches, rank_slice
+
+logger = logging.getLogger("megatron_sft")
 
 
 class DataError(ValueError):
@@ -58,6 +61,37 @@ def open_datasets(prefixes: Sequence[str], cfg: SFTConfig, role: str) -> list:
     if problems:
         raise DataError("\n".join(problems))
     return datasets
+
+
+def check_tokenizers(datasets: Sequence, cfg: SFTConfig) -> None:
+    """DataError unless every train and valid prefix was tokenized with the same tokenizer (the
+    meta's vocab hash) and, when ``checkpoint.pretrained`` is a converted model with a
+    ``tokenizer/`` folder, with that tokenizer (``data.tokenizer_identity``)."""
+    from megatron_sft.data.tokenizer_identity import check_same_tokenizer
+
+    reference = _pretrained_tokenizer(cfg.checkpoint.pretrained)
+    try:
+        check_same_tokenizer({ds.prefix: ds.meta for ds in datasets}, reference)
+    except ValueError as err:
+        raise DataError(str(err)) from None
+
+
+def _pretrained_tokenizer(pretrained: Optional[str]):
+    """(name, identity) of the tokenizer shipped in a converted checkpoint, or None."""
+    folder = os.path.join(pretrained, "tokenizer") if pretrained else None
+    if folder is None or not os.path.isdir(folder):
+        return None
+    from transformers import AutoTokenizer
+
+    from megatron_sft.data.tokenizer_identity import HASH_KEY, vocab_sha256
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as err:  # transformers raises many types; the data check must not hide the run's real error
+        logger.warning("cannot load %s to compare with the data's tokenizer (%s: %s)", folder, type(err).__name__, err)
+        return None
+    name = f"checkpoint.pretrained tokenizer {folder}"
+    return name, {"tokenizer": folder, "vocab_size": len(tokenizer), HASH_KEY: vocab_sha256(tokenizer)}
 
 
 def source_names(datasets: Sequence) -> List[str]:

@@ -26,8 +26,9 @@ from megatron_sft.config import SFTConfig, as_list, config_to_dict, config_to_ya
 from megatron_sft.model.lm_head import SupervisedTargets, supervised_head_loss
 from megatron_sft.training import checkpoint as ckpt
 from megatron_sft.training.flops import causal_pairs, peak_tflops, step_flops
-from megatron_sft.training.inputs import (BatchBuilder, describe_pack, eval_micro_batches, fixed_micro_batch_length,
-                                          open_datasets, source_names, source_offsets, train_batches)
+from megatron_sft.training.inputs import (BatchBuilder, check_tokenizers, describe_pack, eval_micro_batches,
+                                          fixed_micro_batch_length, open_datasets, source_names, source_offsets,
+                                          train_batches)
 from megatron_sft.training.loss import LossReport, make_loss_func, summarize
 from megatron_sft.training.metrics import MetricsWriter, memory_gib
 from megatron_sft.training.model_setup import build_model, load_model_state, model_sharded_state_dict
@@ -53,6 +54,7 @@ class Trainer:
         self.cp_group = parallel_state.get_context_parallel_group() if cfg.parallel.context_parallel_size > 1 else None
         self.train_sets = [] if eval_only else open_datasets(as_list(cfg.data.train_prefix), cfg, "train")
         self.valid_sets = open_datasets(as_list(cfg.data.valid_prefix), cfg, "valid") if cfg.data.valid_prefix else []
+        check_tokenizers(self.train_sets + self.valid_sets, cfg)
         all_sets = self.train_sets or self.valid_sets
         self.data_meta = all_sets[0].meta if all_sets else {}
         self.fixed_length = fixed_micro_batch_length(self.train_sets + self.valid_sets, cfg)

@@ -45,3 +45,39 @@ def test_cli_skip_fail_and_bad_flags(tmp_path, tiny_tokenizer_dir):
     bad_flags = _run(*common, "--mixture-ratios", "1.0,2.0", "--workers", 0)
     assert bad_flags.returncode == 2
     assert "--mixture-ratios has 2 values for 1 inputs" in bad_flags.stderr and "--workers must be >= 1" in bad_flags.stderr
+
+
+def test_cli_output_and_tokenizer_errors_are_messages(tmp_path):
+    """One run per message family of issue 8 class 6; each fails before loading anything heavy."""
+    import contextlib
+
+    from tests.fs_helpers import mounted_tmpfs
+
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps(GOOD) + "\n")
+    prefix = tmp_path / "out" / "sft"
+    prefix.parent.mkdir()
+    Path(f"{prefix}.meta.json").write_text("{}")
+    common = ["--input", data, "--seq-length", 128, "--no-progress"]
+
+    exists = _run(*common, "--tokenizer", tmp_path / "no_such_tokenizer", "--output-prefix", prefix)
+    assert exists.returncode == 1 and "Traceback" not in exists.stderr
+    assert f"error: --output-prefix {prefix} exists already ({prefix}.meta.json): pass --overwrite" in exists.stderr
+
+    missing = _run(*common, "--tokenizer", tmp_path / "no_such_tokenizer", "--output-prefix", prefix, "--overwrite")
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr
+    assert f"error: --tokenizer {tmp_path / 'no_such_tokenizer'}: no such folder" in missing.stderr
+
+    tokenizer = tmp_path / "tok"  # resolve_tokenizer only looks at the file names
+    tokenizer.mkdir()
+    (tokenizer / "tokenizer.json").write_text("{}")
+    with contextlib.ExitStack() as stack:
+        if os.geteuid() == 0:
+            folder, expected = stack.enter_context(mounted_tmpfs(tmp_path / "ro", "ro,size=64k")), "read-only file system at"
+        else:
+            folder, expected = tmp_path / "ro", "permission denied writing"
+            folder.mkdir(mode=0o555)
+            stack.callback(folder.chmod, 0o755)
+        read_only = _run(*common, "--tokenizer", tokenizer, "--output-prefix", folder / "sft")
+    assert read_only.returncode == 1 and "Traceback" not in read_only.stderr
+    assert f"error: {expected} {folder}" in read_only.stderr and "folder you can write to" in read_only.stderr

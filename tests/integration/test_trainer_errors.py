@@ -1,5 +1,5 @@
 """Every bad input ends in a clear message and a non-zero exit, never a hang: config errors
-(exit 2, all at once), missing/corrupt data, tokenizer vocab above the model's, packs longer
+(exit 2, all at once), missing/corrupt data, datasets of different tokenizers, tokenizer vocab above the model's, packs longer
 than seq_length, non-finite losses (skipped steps logged with their step number, then an error)."""
 
 from __future__ import annotations
@@ -56,6 +56,29 @@ def test_corrupt_dataset_file(train, tmp_path):
         f.truncate(100)
     config = write_config(tmp_path / "c.yaml", data={"train_prefix": prefix})
     assert "bytes, its index describes" in failing(config)
+
+
+def test_flipped_pointer_and_other_tokenizer_stop_before_step_1(train, tmp_path):
+    """Issue 8 class 5 through the trainer: a one-bit flip in a sequence pointer (which used to
+    shift a pack by a token silently) and a valid set made with another tokenizer."""
+    prefix = write_packed(tmp_path / "flipped", conversations(16, seed=0), seq_length=256)
+    with open(prefix + "_tokens.idx", "r+b") as f:
+        f.seek(34 + 16 * 4 + 8)  # header, 16 int32 lengths, then pointer 1 (int64)
+        low = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([low[0] ^ 0x04]))
+    config = write_config(tmp_path / "c.yaml", data={"train_prefix": prefix})
+    stderr = failing(config)
+    assert "flipped_tokens.idx: sequence pointer" in stderr and "at pack 0, conversation 1" in stderr
+    assert "re-run tools/preprocess_data.py" in stderr
+
+    other = write_packed(tmp_path / "other", conversations(8, seed=1), seq_length=256)
+    meta = json.loads(Path(other + ".meta.json").read_text())
+    meta.update(tokenizer="another/tokenizer", tokenizer_vocab_sha256="f" * 64)
+    Path(other + ".meta.json").write_text(json.dumps(meta))
+    config = write_config(tmp_path / "c2.yaml", data={"train_prefix": train, "valid_prefix": other})
+    stderr = failing(config)
+    assert "made with different tokenizers" in stderr and "another/tokenizer (vocab_size 128, vocab sha256 ffffffffffff)" in stderr
 
 
 def test_tokenizer_vocab_larger_than_model(tmp_path):

@@ -62,7 +62,8 @@ def write_packed(prefix: Path, convs: list, seq_length: int, packs: Optional[Lis
         writer.add_pack([convs[i][0] for i in pack], [convs[i][1] for i in pack],
                         [sources[i] for i in pack], list(pack))
     writer.finalize()
-    meta = {"format_version": 1, "tokenizer": "synthetic", "vocab_size": vocab_size, "seq_length": seq_length,
+    meta = {"format_version": 1, "tokenizer": "synthetic", "vocab_size": vocab_size,
+            "tokenizer_vocab_sha256": f"synthetic-{vocab_size}", "seq_length": seq_length,
             "chat_template_sha256": "0" * 64, "settings": {"inputs": list(input_names)},
             "counts": {"num_packs": writer.num_packs, "num_conversations": writer.num_conversations,
                        "num_tokens": writer.num_tokens}}

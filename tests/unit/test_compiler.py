@@ -17,6 +17,7 @@ from megatron_sft.data.chat_masks import ChatMasker
 from megatron_sft.data.compiler import CompileConfig, CompileError, compile_dataset
 from megatron_sft.data.indexed import indexed_paths, meta_path, output_paths, report_path
 from megatron_sft.data.tiny_tokenizer import CHATML_TEMPLATE
+from megatron_sft.data.tokenizer_identity import vocab_sha256
 
 RAISING_TEMPLATE = (
     "{% for m in messages %}{% if 'BOOM' in m.content %}"
@@ -139,6 +140,7 @@ def test_skip_counts_every_bad_kind_and_keeps_exact_conversations(tmp_path, tiny
     meta = dataset.meta
     assert meta["seq_length"] == SEQ_LENGTH and meta["mode"] == "assistant" and meta["pack_seed"] == 5
     assert meta["chat_template"] == RAISING_TEMPLATE and len(meta["chat_template_sha256"]) == 64
+    assert meta["tokenizer_vocab_sha256"] == vocab_sha256(tiny_tokenizer)
     assert meta["vocab_size"] == len(tiny_tokenizer) and meta["eos_token_id"] == tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert meta["end_of_turn_token_ids"] == [tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")]
     assert meta["counts"]["num_conversations"] == 2 and meta["versions"]["megatron-core"].startswith("0.19")
@@ -171,12 +173,15 @@ def test_interrupted_before_publish_leaves_no_files(tmp_path, tiny_tokenizer_dir
     assert os.listdir(tmp_path / "out") == []  # no final files, no temporary folder
 
 
-def test_rerun_replaces_previous_output(tmp_path, tiny_tokenizer_dir, data):
+def test_existing_output_refused_unless_overwrite(tmp_path, tiny_tokenizer_dir, data):
     first = compile_dataset(_config(tmp_path, tiny_tokenizer_dir, [data]))  # no raising template: BOOM is kept
-    second = compile_dataset(_config(tmp_path, tiny_tokenizer_dir, [data], limit=1))
+    with pytest.raises(CompileError, match=r"--output-prefix .*sft exists already \(.*sft_tokens.bin.*\): pass --overwrite"):
+        compile_dataset(_config(tmp_path, tiny_tokenizer_dir, [data], limit=1))
+    assert PackedDataset(tmp_path / "out" / "sft").meta["counts"]["num_conversations"] == first["conversations"] == 3
+    second = compile_dataset(_config(tmp_path, tiny_tokenizer_dir, [data], limit=1, overwrite=True))
     assert first["records_read"] == len(LINES) and second["records_read"] == 1
     dataset = PackedDataset(tmp_path / "out" / "sft")
-    assert first["conversations"] == 3 and dataset.meta["counts"]["num_conversations"] == second["conversations"] == 1
+    assert dataset.meta["counts"]["num_conversations"] == second["conversations"] == 1
     assert sorted(_conversations(dataset)) == [0]
     assert sorted(os.listdir(tmp_path / "out")) == sorted(os.path.basename(p) for p in output_paths(tmp_path / "out" / "sft"))
 
@@ -241,7 +246,7 @@ def test_reasoning_the_template_drops_is_counted_and_warned_once(tmp_path, tiny_
     for template_file, expected in ((None, {"records": 0, "turns": 0, "examples": []}),
                                     (str(template), {"records": 2, "turns": 4, "examples": [f"{path}:2", f"{path}:3"]})):
         caplog.clear()
-        report = compile_dataset(_config(tmp_path, tiny_tokenizer_dir, [path], chat_template=template_file))
+        report = compile_dataset(_config(tmp_path, tiny_tokenizer_dir, [path], chat_template=template_file, overwrite=True))
         assert report["reasoning_not_rendered"] == expected and report["records_kept"] == 3
         warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
         if template_file is None:
@@ -255,7 +260,7 @@ def test_reasoning_the_template_drops_is_counted_and_warned_once(tmp_path, tiny_
 def test_report_timing(tmp_path, tiny_tokenizer_dir):
     path = _many_records(tmp_path, "many.jsonl", 40)
     for workers in (1, 2):
-        timing = compile_dataset(_config(tmp_path, tiny_tokenizer_dir, [path], workers=workers))["timing_s"]
+        timing = compile_dataset(_config(tmp_path, tiny_tokenizer_dir, [path], workers=workers, overwrite=True))["timing_s"]
         assert set(timing) == {"startup_s", "encode_s", "parent_busy_s", "parent_cpu_s", "wait_s", "workers_cpu_s",
                                "worker_startup_s", "import_wait_s", "import_cpu_s", "pack_write_s", "total_s"}
         parts = timing["startup_s"] + timing["encode_s"] + timing["import_wait_s"] + timing["pack_write_s"]

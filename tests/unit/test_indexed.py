@@ -181,3 +181,76 @@ def test_output_paths_names(tmp_path):
         "d_tokens.bin", "d_tokens.idx", "d_loss_mask.bin", "d_loss_mask.idx",
         "d_provenance.bin", "d_provenance.idx", "d.report.json", "d.meta.json",
     ]
+
+
+# ---------------------------------------------------------------- integrity at open (issue 8, class 5)
+
+
+def _items(ds):
+    return [{k: v.tolist() for k, v in ds[i].items()} for i in range(len(ds))]
+
+
+@pytest.mark.parametrize("part, every_bit", [("tokens", True), ("loss_mask", False), ("provenance", False)])
+def test_every_bit_flip_in_an_index_is_caught_or_harmless(tmp_path, part, every_bit):
+    """Flip bits of one .idx in turn: opening either raises a ValueError naming the file and the
+    fix, or reads back exactly the original packs (no shifted pack, no raw IndexError later).
+    Every bit of the tokens index; one seeded bit per byte of the others (an open costs ~3 ms)."""
+    prefix = tmp_path / "set"
+    _write(prefix)
+    expected = _items(PackedDataset(prefix))
+    path = part_prefix(prefix, part) + ".idx"
+    original = open(path, "rb").read()
+    rng = np.random.default_rng(0)
+    bits = range(len(original) * 8) if every_bit else [8 * i + int(rng.integers(8)) for i in range(len(original))]
+    num_caught = 0
+    for bit in bits:
+        flipped = bytearray(original)
+        flipped[bit // 8] ^= 1 << (bit % 8)
+        open(path, "wb").write(bytes(flipped))
+        try:
+            ds = PackedDataset(prefix)
+        except ValueError as err:
+            assert os.path.basename(path) in str(err) and "re-run tools/preprocess_data.py" in str(err), (bit, err)
+            num_caught += 1
+            continue
+        assert _items(ds) == expected, f"bit {bit} of {path} changed the data silently"
+    assert num_caught == len(bits)  # no bit of a Megatron index is unused: every flip is caught
+
+
+def test_shifted_pointer_names_pack_and_conversation(tmp_path):
+    prefix = tmp_path / "set"
+    _write(prefix)
+    path = part_prefix(prefix, "tokens") + ".idx"
+    data = bytearray(open(path, "rb").read())
+    # Header 34 bytes, 6 int32 lengths, then int64 pointers [0, 12, 20, ...]: sequence 2 = pack 1, conv 0.
+    pointer_2 = 34 + 6 * 4 + 2 * 8
+    data[pointer_2] ^= 0x04  # 20 -> 16 bytes: one int32 token earlier
+    open(path, "wb").write(bytes(data))
+    with pytest.raises(ValueError, match=r"set_tokens\.idx: sequence pointer 16 at pack 1, conversation 0 should be 20"):
+        PackedDataset(prefix)
+
+
+def test_values_checked_against_vocab_and_inputs(tmp_path):
+    prefix = tmp_path / "set"
+    _write(prefix)
+    meta = json.loads(open(meta_path(prefix)).read())
+    meta.update(vocab_size=14, settings={"inputs": ["a.jsonl", "b.jsonl"]})
+    open(meta_path(prefix), "w").write(json.dumps(meta))
+    with pytest.raises(ValueError) as info:
+        PackedDataset(prefix)
+    message = str(info.value)
+    assert "set_tokens.bin: token id 14 outside [0, 14) (the tokenizer's vocab_size in the meta) at pack 2, conversation 2" in message
+    assert "set_provenance.bin: source_index 2 outside [0, 2) (the number of inputs) at pack 2, conversation 2" in message
+    meta.update(vocab_size=15, settings={"inputs": ["a", "b", "c"]})
+    open(meta_path(prefix), "w").write(json.dumps(meta))
+    assert len(PackedDataset(prefix)) == 3
+
+
+def test_loss_mask_value_not_0_or_1(tmp_path):
+    prefix = tmp_path / "set"
+    _write(prefix)
+    with open(part_prefix(prefix, "loss_mask") + ".bin", "r+b") as f:
+        f.seek(5)  # pack 1's first token
+        f.write(b"\x03")
+    with pytest.raises(ValueError, match=r"loss_mask value 3 \(not 0/1\) at pack 1, conversation 0"):
+        PackedDataset(prefix)

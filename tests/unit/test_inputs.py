@@ -44,3 +44,32 @@ def test_fixed_length_fits_every_micro_batch(tmp_path, cp, tp, sp, mbs):
         batch = builder.micro_batch([(0, i) for i in group])
         sizes.add(batch.tokens.numel())
     assert sizes == {length // cp}  # every CP rank holds length / CP tokens, whatever the packs
+
+
+def test_tokenizers_must_agree_across_train_valid_and_pretrained(tmp_path, tiny_tokenizer_dir, tiny_tokenizer):
+    import dataclasses
+    import json
+    import shutil
+
+    from megatron_sft.config import CheckpointConfig
+    from megatron_sft.data.tokenizer_identity import HASH_KEY, vocab_sha256
+    from megatron_sft.training.inputs import DataError, check_tokenizers
+
+    def dataset(name, digest):
+        prefix = write_packed(tmp_path / name, conversations(4, seed=0), seq_length=256)
+        meta = json.loads(open(prefix + ".meta.json").read())
+        meta.update({HASH_KEY: digest, "vocab_size": len(tiny_tokenizer), "tokenizer": name})
+        open(prefix + ".meta.json", "w").write(json.dumps(meta))
+        return PackedDataset(prefix)
+
+    tiny = vocab_sha256(tiny_tokenizer)
+    train, valid, other = dataset("train", tiny), dataset("valid", tiny), dataset("other", "0" * 64)
+    cfg = _cfg(ParallelConfig(), 1)
+    check_tokenizers([train, valid], cfg)
+    with pytest.raises(DataError, match=r"different tokenizers:\n.*train: train .*\n.*other: other"):
+        check_tokenizers([train, other], cfg)
+    shutil.copytree(tiny_tokenizer_dir, tmp_path / "ckpt" / "tokenizer")
+    cfg = dataclasses.replace(cfg, checkpoint=CheckpointConfig(pretrained=str(tmp_path / "ckpt")))
+    check_tokenizers([train, valid], cfg)
+    with pytest.raises(DataError, match="checkpoint.pretrained tokenizer"):
+        check_tokenizers([other], cfg)

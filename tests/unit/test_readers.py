@@ -49,3 +49,23 @@ def test_parse_json_line_without_location():
     payload, error = parse_json_line(b"[]")
     assert payload is None and isinstance(error, RecordError)
     assert (error.reason, error.detail) == ("not_an_object", "expected a JSON object, got list")
+
+
+def test_missing_optional_package_names_the_file_and_the_extra(tmp_path, monkeypatch):
+    import sys
+
+    import pytest
+
+    from megatron_sft.data.readers import MissingExtraError, count_records
+
+    parquet = tmp_path / "chats.parquet"
+    parquet.write_bytes(b"PAR1")
+    hf = tmp_path / "hf_split"
+    hf.mkdir()
+    (hf / "state.json").write_text("{}")
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # "import pyarrow.parquet" raises ImportError
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    for path, package in ((parquet, "pyarrow"), (hf, "datasets")):
+        for read in (lambda: count_records(str(path)), lambda: list(iter_records([str(path)]))):
+            with pytest.raises(MissingExtraError, match=rf"reading {path} needs {package}.*pip install -e '\.\[formats\]'"):
+                read()
