@@ -77,6 +77,16 @@ class ModelConfig:
     per-segment SDPA on CPU) or ``auto`` (``te`` when importable on a GPU, else ``torch``).
     A run choice: may differ from the model section of ``checkpoint.pretrained``."""
 
+    @property
+    def query_groups(self) -> int:
+        """Key/value heads: ``num_query_groups``, or one per query head (MHA) when unset."""
+        return self.num_query_groups if self.num_query_groups is not None else self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        """Per-head width: ``kv_channels``, or hidden_size // num_attention_heads when unset."""
+        return self.kv_channels if self.kv_channels is not None else self.hidden_size // self.num_attention_heads
+
 
 @dataclass
 class ParallelConfig:
@@ -685,26 +695,48 @@ def _check_positive(cfg, world_size, has_cuda, issues):
             issues.append(f"{key}={value}: must be >= 0")
 
 
+def model_split_problems(m: ModelConfig, tp: int, pp: int, vp: Optional[int] = None, *,
+                         qualified: bool = True) -> List[str]:
+    """Why ``m`` cannot be split over ``tp`` tensor ranks and ``pp`` pipeline stages (x ``vp``
+    virtual chunks). The one home of these rules: the trainer config and the converters ask it.
+    ``qualified``: name fields by their config path (``model.``/``parallel.``) or bare (CLI options)."""
+    model = (lambda name: f"model.{name}") if qualified else (lambda name: name)
+    par = (lambda name: f"parallel.{name}") if qualified else (lambda name: name)
+    problems = []
+    if tp >= 1:
+        for name, value, what in (("num_attention_heads", m.num_attention_heads, "it"),
+                                  ("num_query_groups", m.query_groups, "the number of key/value heads"),
+                                  ("vocab_size", m.vocab_size, "the embedding rows")):
+            if value % tp:
+                problems.append(f"{model(name)}={value} is not divisible by {par('tensor_model_parallel_size')}"
+                                f"={tp}: choose a TP size that divides {what}")
+    if m.query_groups >= 1 and m.num_attention_heads % m.query_groups:
+        problems.append(f"{model('num_attention_heads')}={m.num_attention_heads} is not a multiple of "
+                        f"{model('num_query_groups')}={m.query_groups}: fix the model's GQA groups")
+    stages = pp * (vp or 1)
+    if stages >= 1 and m.num_layers % stages:
+        problems.append(f"{model('num_layers')}={m.num_layers} is not divisible by pipeline stages x virtual "
+                        f"chunks = {pp} x {vp or 1} ({par('pipeline_model_parallel_size')}={pp}): pick PP/VP "
+                        "whose product divides num_layers")
+    return problems
+
+
+def world_size_problem(p: ParallelConfig, world_size: int) -> Optional[str]:
+    """Why ``world_size`` processes cannot hold the layout ``p`` (data parallel = world / TP*PP*CP)."""
+    if p.model_parallel_size >= 1 and world_size % p.model_parallel_size:
+        return (f"world size {world_size} is not divisible by TP x PP x CP = {p.tensor_model_parallel_size} x "
+                f"{p.pipeline_model_parallel_size} x {p.context_parallel_size}: launch a multiple of "
+                f"{p.model_parallel_size} processes or change the parallel section")
+    return None
+
+
 def _check_model_parallel(cfg, world_size, has_cuda, issues):
     m, p = cfg.model, cfg.parallel
     tp, pp, vp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.virtual_pipeline_model_parallel_size
-    groups = m.num_query_groups or m.num_attention_heads
-    if tp >= 1 and m.num_attention_heads % tp:
-        issues.append(f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
-                      f"parallel.tensor_model_parallel_size={tp}: choose a TP size that divides it")
-    if tp >= 1 and groups % tp:
-        issues.append(f"model.num_query_groups={groups} is not divisible by parallel.tensor_model_parallel_size"
-                      f"={tp}: choose a TP size that divides the number of key/value heads")
-    if m.num_attention_heads % groups:
-        issues.append(f"model.num_attention_heads={m.num_attention_heads} is not a multiple of "
-                      f"model.num_query_groups={groups}: fix the model's GQA groups")
+    issues.extend(model_split_problems(m, tp, pp, vp))
     if vp is not None and pp < 2:
         issues.append(f"parallel.virtual_pipeline_model_parallel_size={vp} needs "
                       f"parallel.pipeline_model_parallel_size >= 2 (is {pp}): unset it or raise PP")
-    stages = pp * (vp or 1)
-    if stages >= 1 and m.num_layers % stages:
-        issues.append(f"model.num_layers={m.num_layers} is not divisible by pipeline stages x virtual "
-                      f"chunks = {pp} x {vp or 1}: pick PP/VP whose product divides num_layers")
     if p.context_parallel_size > 1 and p.context_parallel_comm_type == "a2a" and \
             tp >= 1 and (m.num_attention_heads // tp) % p.context_parallel_size:
         issues.append(f"parallel.context_parallel_comm_type='a2a' splits the {m.num_attention_heads // tp} attention "
@@ -713,10 +745,9 @@ def _check_model_parallel(cfg, world_size, has_cuda, issues):
     if p.sequence_parallel and tp < 2:
         issues.append("parallel.sequence_parallel=true needs parallel.tensor_model_parallel_size >= 2: "
                       "set --parallel.sequence_parallel=false or raise TP")
-    model_parallel = p.model_parallel_size
-    if model_parallel >= 1 and world_size % model_parallel:
-        issues.append(f"world size {world_size} is not divisible by TP x PP x CP = {tp} x {pp} x "
-                      f"{p.context_parallel_size}: launch a multiple of {model_parallel} processes")
+    problem = world_size_problem(p, world_size)
+    if problem:
+        issues.append(problem)
 
 
 def _check_batch(cfg, world_size, has_cuda, issues):

@@ -40,16 +40,6 @@ class UnsupportedArchitectureError(ConversionError):
 # Shape helpers
 
 
-def head_dim(cfg: ModelConfig) -> int:
-    """Per-head width (``kv_channels``; defaults to hidden_size // num_attention_heads)."""
-    return cfg.kv_channels if cfg.kv_channels is not None else cfg.hidden_size // cfg.num_attention_heads
-
-
-def num_query_groups(cfg: ModelConfig) -> int:
-    """Number of key/value heads; ``None`` in the config means MHA (one group per head)."""
-    return cfg.num_query_groups if cfg.num_query_groups is not None else cfg.num_attention_heads
-
-
 # ---------------------------------------------------------------------------------------------
 # Transforms. ``to_megatron`` takes the HF tensors in rule order and returns one tensor;
 # ``to_hf`` takes that tensor and returns the HF tensors in rule order.
@@ -71,7 +61,7 @@ def interleave_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: Model
     [q0 q1 k0 v0 | q2 q3 k1 v1]: group g holds its query heads, then its key head, then its
     value head. A TP rank owns whole groups, so its slice of this tensor is contiguous.
     """
-    groups, d = num_query_groups(cfg), head_dim(cfg)
+    groups, d = cfg.query_groups, cfg.head_dim
     heads_per_group = cfg.num_attention_heads // groups
     trailing = q.shape[1:]
     _check_rows(q, cfg.num_attention_heads * d, "q")
@@ -90,7 +80,7 @@ def interleave_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: Model
 
 def split_qkv(qkv: torch.Tensor, cfg: ModelConfig) -> List[torch.Tensor]:
     """Inverse of :func:`interleave_qkv`: returns ``[q, k, v]`` in HF layout (contiguous)."""
-    groups, d = num_query_groups(cfg), head_dim(cfg)
+    groups, d = cfg.query_groups, cfg.head_dim
     heads_per_group = cfg.num_attention_heads // groups
     trailing = qkv.shape[1:]
     _check_rows(qkv, groups * (heads_per_group + 2) * d, "linear_qkv")

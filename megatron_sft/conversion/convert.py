@@ -28,7 +28,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from megatron_sft.config import ModelConfig, RopeScalingConfig
+from megatron_sft.config import ModelConfig, RopeScalingConfig, model_split_problems
 from megatron_sft.conversion import dist_io, hf_io
 from megatron_sft.hub import HubError, resolve_hf_dir
 from megatron_sft.conversion.common import (
@@ -39,7 +39,6 @@ from megatron_sft.conversion.common import (
     architecture_for,
     convert_hf_to_megatron,
     convert_megatron_to_hf,
-    num_query_groups,
 )
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -52,18 +51,6 @@ DATA_META = "data_meta.json"
 
 
 # --------------------------------------------------------------------------------- HF -> Megatron
-
-
-def parallel_problems(cfg: ModelConfig, tp: int, pp: int) -> List[str]:
-    """What keeps ``cfg`` from running at TP=tp, PP=pp (the checkpoint itself loads at any)."""
-    problems = []
-    for name, value in (("num_attention_heads", cfg.num_attention_heads),
-                        ("num_query_groups", num_query_groups(cfg)), ("vocab_size", cfg.vocab_size)):
-        if value % tp:
-            problems.append(f"{name}={value} is not divisible by tensor_model_parallel_size={tp}")
-    if cfg.num_layers % pp:
-        problems.append(f"num_layers={cfg.num_layers} is not divisible by pipeline_model_parallel_size={pp}")
-    return problems
 
 
 def hf_to_megatron(hf_dir, out_dir, *, tensor_model_parallel_size: int = 1,
@@ -83,7 +70,7 @@ def hf_to_megatron(hf_dir, out_dir, *, tensor_model_parallel_size: int = 1,
     hf_config = hf_io.read_json(hf_dir / "config.json", "HF config.json")
     arch = architecture_for(hf_config)
     cfg = arch.to_model_config(hf_config)
-    problems = parallel_problems(cfg, tensor_model_parallel_size, pipeline_model_parallel_size)
+    problems = model_split_problems(cfg, tensor_model_parallel_size, pipeline_model_parallel_size, qualified=False)
     if problems:
         raise ConversionError("cannot use the requested layout:\n  - " + "\n  - ".join(problems))
     reader = hf_io.SafetensorsReader(hf_dir)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Dict, List, Mapping
 
 from megatron_sft.config import ModelConfig
-from megatron_sft.conversion.common import Architecture, head_dim, raise_problems, register, require
+from megatron_sft.conversion.common import Architecture, raise_problems, register, require
 from megatron_sft.conversion.llama import (
     IGNORED_HF_KEYS,
     check_exportable,
@@ -32,7 +32,7 @@ def _model_config(hf: Mapping) -> ModelConfig:
 def _hf_config(cfg: ModelConfig) -> Dict:
     check_exportable(cfg, "qwen2", qkv_bias=True, qk_norm=False)
     problems = []
-    if head_dim(cfg) * cfg.num_attention_heads != cfg.hidden_size:
+    if cfg.head_dim * cfg.num_attention_heads != cfg.hidden_size:
         problems.append("Qwen2 configs derive head_dim = hidden_size / num_attention_heads; kv_channels differs")
     raise_problems("qwen2", problems)
     out = common_hf_config(cfg, "Qwen2ForCausalLM", "qwen2")

@@ -39,7 +39,7 @@ from typing import Optional
 import torch
 
 import megatron_sft.mcore  # noqa: F401  (must precede every megatron.core import)
-from megatron_sft.config import ParallelConfig
+from megatron_sft.config import ParallelConfig, world_size_problem
 
 logger = logging.getLogger(__name__)
 
@@ -255,13 +255,9 @@ def setup_model_parallel(parallel_cfg: ParallelConfig, *, seed: int = 1234) -> N
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    world = torch.distributed.get_world_size()
-    model_parallel = parallel_cfg.model_parallel_size
-    if world % model_parallel:
-        raise ValueError(
-            f"world size {world} does not divide by tensor x pipeline x context parallel = "
-            f"{model_parallel}; change the parallel section or the number of processes"
-        )
+    problem = world_size_problem(parallel_cfg, torch.distributed.get_world_size())
+    if problem:
+        raise ValueError(problem)
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel_cfg.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel_cfg.pipeline_model_parallel_size,

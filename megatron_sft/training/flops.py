@@ -35,8 +35,7 @@ def step_flops(model_cfg, num_tokens: int, num_causal_pairs: int) -> float:
     """Training FLOPs (forward + backward) of ``num_tokens`` real tokens whose conversations hold
     ``num_causal_pairs`` causal query-key pairs in total. ``model_cfg`` is a ModelConfig."""
     h, n = model_cfg.hidden_size, model_cfg.num_attention_heads
-    g = model_cfg.num_query_groups or n
-    d = model_cfg.kv_channels or h // n
+    g, d = model_cfg.query_groups, model_cfg.head_dim
     dense_per_token = 2 * h * (n * d + 2 * g * d) + 2 * n * d * h + 6 * h * model_cfg.ffn_hidden_size
     forward = model_cfg.num_layers * (num_tokens * dense_per_token + 4 * n * d * num_causal_pairs)
     forward += num_tokens * 2 * h * model_cfg.vocab_size

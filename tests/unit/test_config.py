@@ -101,7 +101,8 @@ def test_bad_combinations_all_reported_with_key_value_and_fix(tmp_path):
     assert "parallel.use_distributed_optimizer=true is not supported on CPU: set --parallel.use_distributed_optimizer=false" in joined
     assert "training.bf16=true is not supported on CPU" in joined
     assert "training.global_batch_size=7 is not divisible by micro_batch_size x data-parallel size = 1 x 2" in joined
-    assert len(issues) == 7
+    assert "model.vocab_size=" in joined and "choose a TP size that divides the embedding rows" in joined
+    assert len(issues) == 8
 
 
 @pytest.mark.parametrize("overrides, fragment", [

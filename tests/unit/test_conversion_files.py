@@ -111,7 +111,7 @@ def test_no_tokenizer_and_bad_layout_and_nonempty_out(tiny_llama, tmp_path):
         hf_to_megatron(hf, tmp_path / "out")
     with pytest.raises(ConversionError, match="num_query_groups=2 is not divisible by tensor_model_parallel_size=4"):
         hf_to_megatron(tiny_llama, tmp_path / "out", tensor_model_parallel_size=4)
-    with pytest.raises(ConversionError, match="num_layers=2 is not divisible by pipeline_model_parallel_size=3"):
+    with pytest.raises(ConversionError, match="num_layers=2 is not divisible by pipeline stages x virtual chunks = 3 x 1"):
         hf_to_megatron(tiny_llama, tmp_path / "out", pipeline_model_parallel_size=3)
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "file").write_text("x")
