@@ -290,8 +290,10 @@ def load_config(
     *,
     world_size: int = 1,
     has_cuda: bool = False,
+    has_te: Optional[bool] = None,
 ) -> "SFTConfig":
-    """Compose the run's config and check it for a job of ``world_size`` processes.
+    """Compose the run's config and check it for a job of ``world_size`` processes on a machine
+    with or without CUDA and Transformer Engine (``has_te`` None: whether it is installed).
 
     Order, later wins key by key (sections merge, a list or scalar is replaced whole): the YAML
     files ``paths`` in the order given (a base recipe, then files of overrides), then the
@@ -323,7 +325,7 @@ def load_config(
         build_issues = [i for i in build_issues if not i.startswith("missing required key 'model.")]
     issues.extend(build_issues)
     if not issues:  # cross-field checks need every field well typed
-        issues.extend(check_config(cfg, world_size=world_size, has_cuda=has_cuda))
+        issues.extend(check_config(cfg, world_size=world_size, has_cuda=has_cuda, has_te=has_te))
     if issues:
         raise ConfigError(issues)
     return cfg
@@ -660,13 +662,41 @@ def as_list(prefix: Union[str, List[str], None]) -> List[str]:
 # --------------------------------------------------------------------------------------------
 
 
-def check_config(cfg: "SFTConfig", *, world_size: int, has_cuda: bool) -> List[str]:
+def check_config(cfg: "SFTConfig", *, world_size: int, has_cuda: bool, has_te: Optional[bool] = None) -> List[str]:
     """Every inconsistency of a well-typed config for a job of ``world_size`` processes."""
     issues: List[str] = []
+    has_te = has_cuda and te_installed() if has_te is None else has_te
     for check in (_check_positive, _check_model_parallel, _check_batch, _check_devices,
                   _check_schedule, _check_data, _check_outputs):
-        check(cfg, world_size, has_cuda, issues)
+        if check is _check_devices:
+            check(cfg, has_cuda, has_te, issues)
+        else:
+            check(cfg, world_size, has_cuda, issues)
     return issues
+
+
+ATTENTION_BACKENDS = ("auto", "te", "torch")
+
+
+def te_installed() -> bool:
+    """Transformer Engine is installed (cheap: no import; ``model.spec`` also checks it imports)."""
+    import importlib.util
+
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+def resolve_attention_backend(name: str, *, has_cuda: bool, has_te: bool) -> str:
+    """The core attention a run uses: ``auto`` is ``te`` with CUDA and Transformer Engine, else
+    ``torch``. The one rule: the config checks and the model spec (``model.spec``) ask it.
+    Raises ValueError with the fix for an unknown name or ``te`` where it cannot run."""
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"model.attention_backend={name!r}: use one of {', '.join(ATTENTION_BACKENDS)}")
+    available = has_cuda and has_te
+    if name == "te" and not available:
+        missing = "no GPU here" if not has_cuda else "transformer_engine does not import"
+        raise ValueError(f"model.attention_backend='te' needs a GPU and Transformer Engine ({missing}): install "
+                         "the te extra on a GPU machine or use --model.attention_backend=torch")
+    return "te" if name != "torch" and available else "torch"
 
 
 def _check_positive(cfg, world_size, has_cuda, issues):
@@ -768,15 +798,18 @@ def _check_batch(cfg, world_size, has_cuda, issues):
                       f"{cfg.model.max_position_embeddings}: raise max_position_embeddings or shorten packs")
 
 
-def _check_devices(cfg, world_size, has_cuda, issues):
+def _check_devices(cfg, has_cuda, has_te, issues):
     p, t, backend = cfg.parallel, cfg.training, cfg.model.attention_backend
-    if backend not in ("auto", "te", "torch"):
-        issues.append(f"model.attention_backend={backend!r}: use one of auto, te, torch")
-    torch_backend = backend == "torch" or (backend == "auto" and not has_cuda)
-    if p.context_parallel_size > 1 and torch_backend:
+    try:
+        resolved = resolve_attention_backend(backend, has_cuda=has_cuda, has_te=has_te)
+    except ValueError as err:
+        issues.append(str(err))
+        resolved = None
+    if p.context_parallel_size > 1 and resolved == "torch":
         issues.append(f"parallel.context_parallel_size={p.context_parallel_size} needs the te attention "
                       f"backend (model.attention_backend={backend!r}"
-                      f"{'' if has_cuda else ', no GPU here'}): set --model.attention_backend=te on GPUs "
+                      f"{', no GPU here' if not has_cuda else '' if has_te else ', no Transformer Engine here'}): "
+                      "set --model.attention_backend=te on GPUs with Transformer Engine "
                       "or --parallel.context_parallel_size=1")
     if not has_cuda:
         cpu_only = [("parallel.use_distributed_optimizer", p.use_distributed_optimizer, "false"),
@@ -784,11 +817,8 @@ def _check_devices(cfg, world_size, has_cuda, issues):
         for key, value, fix in cpu_only:
             if value:
                 issues.append(f"{key}={str(value).lower()} is not supported on CPU: set --{key}={fix}")
-        if backend == "te":
-            issues.append("model.attention_backend='te' needs a GPU: use --model.attention_backend=torch")
     if t.fp8 is not None:
-        te_ok = has_cuda and backend in ("te", "auto")
-        if not te_ok or not t.bf16:
+        if resolved != "te" or not t.bf16:
             issues.append(f"training.fp8={t.fp8!r} needs a GPU, the te attention backend and training.bf16=true "
                           f"(here: {'GPU' if has_cuda else 'no GPU'}, attention_backend={backend!r}, bf16={t.bf16}): "
                           "unset training.fp8 or train on a Hopper-class GPU with --training.bf16=true")

@@ -18,9 +18,9 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
 from megatron_sft.config import ModelConfig
+from megatron_sft.config import resolve_attention_backend as config_backend
 from megatron_sft.model.attention import TorchCoreAttention
 
-BACKENDS = ("auto", "te", "torch")
 
 
 def _te_importable() -> bool:
@@ -34,19 +34,9 @@ def _te_importable() -> bool:
 
 
 def resolve_attention_backend(name: str) -> str:
-    """``auto`` -> ``te`` when Transformer Engine imports and CUDA is available, else ``torch``.
-    ``te`` without TE/CUDA is a ValueError saying what to do."""
-    if name not in BACKENDS:
-        raise ValueError(f"model.attention_backend must be one of {BACKENDS}, got {name!r}")
-    if name == "torch":
-        return "torch"
-    available = torch.cuda.is_available() and _te_importable()
-    if name == "te" and not available:
-        raise ValueError(
-            "model.attention_backend te needs CUDA and transformer_engine; install the te extra on "
-            "a GPU machine or set model.attention_backend: torch"
-        )
-    return "te" if available else "torch"
+    """``config.resolve_attention_backend`` on this machine (CUDA present, TE importable)."""
+    return config_backend(name, has_cuda=torch.cuda.is_available(),
+                          has_te=torch.cuda.is_available() and _te_importable())
 
 
 class RMSNorm(torch.nn.Module):

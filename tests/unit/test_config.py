@@ -137,7 +137,7 @@ def test_world_size_not_divisible(tmp_path):
 def test_gpu_only_options_pass_with_cuda(tmp_path):
     cfg = load_config(write(tmp_path), ["--training.bf16=true", "--parallel.use_distributed_optimizer=true",
                                         "--model.attention_backend=te", "--parallel.context_parallel_size=2"],
-                      world_size=2, has_cuda=True)
+                      world_size=2, has_cuda=True, has_te=True)
     assert cfg.training.bf16 and cfg.parallel.context_parallel_size == 2
 
 
@@ -177,7 +177,7 @@ def test_shipped_yaml_configs_load(name):
     model_parallel = p.get("tensor_model_parallel_size", 1) * p.get("pipeline_model_parallel_size", 1) * \
         p.get("context_parallel_size", 1)
     one_gpu = name.startswith("llama3.2_1b")  # the one-GPU benchmark shapes
-    cfg = load_config(str(path), world_size=1 if one_gpu or not gpu else max(8, model_parallel), has_cuda=gpu)
+    cfg = load_config(str(path), world_size=1 if one_gpu or not gpu else max(8, model_parallel), has_cuda=gpu, has_te=gpu)
     assert config_to_dict(cfg)["model"]["num_layers"] >= 1
 
 
@@ -187,7 +187,7 @@ def test_fp8_needs_gpu_te_and_bf16(tmp_path):
     issues = issues_of(tmp_path, ["--training.fp8=delayed", "--training.bf16=true", "--model.attention_backend=torch"],
                        has_cuda=True)
     assert any("training.fp8='delayed'" in i and "attention_backend='torch'" in i for i in issues), issues
-    cfg = load_config(write(tmp_path), ["--training.fp8=blockwise", "--training.bf16=true"], has_cuda=True)
+    cfg = load_config(write(tmp_path), ["--training.fp8=blockwise", "--training.bf16=true"], has_cuda=True, has_te=True)
     assert cfg.training.fp8 == "blockwise"
     assert "training.fp8" in " ".join(issues_of(tmp_path, ["--training.fp8=e5m2"]))  # not a recipe
 
@@ -386,3 +386,27 @@ def test_pretrain_sft_layers_configs_and_documents_the_order(tmp_path, monkeypat
     out = capsys.readouterr().out
     assert "each ``--config`` file in the order given, then the ``--section.key=value`` overrides" in out
     assert "--checkpoint.pretrained" in out
+
+
+@pytest.mark.parametrize("name, has_cuda, has_te, expected", [
+    ("auto", True, True, "te"), ("auto", True, False, "torch"), ("auto", False, True, "torch"),
+    ("torch", True, True, "torch"), ("te", True, True, "te"),
+    ("te", True, False, "transformer_engine does not import"), ("te", False, False, "no GPU here"),
+    ("flash", True, True, "use one of auto, te, torch"),
+])
+def test_one_attention_backend_rule(name, has_cuda, has_te, expected):
+    from megatron_sft.config import resolve_attention_backend
+
+    if expected in ("te", "torch"):
+        assert resolve_attention_backend(name, has_cuda=has_cuda, has_te=has_te) == expected
+    else:
+        with pytest.raises(ValueError, match=expected):
+            resolve_attention_backend(name, has_cuda=has_cuda, has_te=has_te)
+
+
+def test_context_parallel_on_a_gpu_without_transformer_engine_is_reported(tmp_path):
+    overrides = ["--parallel.context_parallel_size=2", "--training.bf16=true"]
+    issues = issues_of(tmp_path, overrides, world_size=2, has_cuda=True, has_te=False)
+    assert any("context_parallel_size=2 needs the te attention backend" in i and "no Transformer Engine here" in i
+               for i in issues), issues
+    load_config(write(tmp_path), overrides, world_size=2, has_cuda=True, has_te=True)  # no issue with TE
