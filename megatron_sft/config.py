@@ -20,6 +20,8 @@ from typing import Dict, List, Literal, Optional, Sequence, Tuple, Union
 
 import yaml
 
+from megatron_sft.data.labels import LossMode
+
 
 @dataclass
 class RopeScalingConfig:
@@ -168,7 +170,7 @@ class TrainingConfig:
     """Clip the global gradient norm to this value; 0 disables clipping (the norm is still logged)."""
     bf16: bool = False
     """bf16 parameters and activations with fp32 main params and grads in the optimizer (GPU only)."""
-    loss_normalization: Literal["token", "turn", "sequence"] = "token"
+    loss_normalization: LossMode = "token"
     """Weight of each supervised token: ``token`` every token equal; ``turn`` every assistant turn
     equal; ``sequence`` every conversation equal. The loss is sum(w * ce) / sum(w) over the global batch."""
     lm_head: Literal["supervised", "full"] = "supervised"

@@ -23,6 +23,7 @@ import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_sft.data.chat_masks import MASK_MODES  # noqa: E402
 from megatron_sft.data.compiler import CompileConfig, CompileError, compile_dataset, format_summary  # noqa: E402
 from megatron_sft.data.formats import FormatKeys  # noqa: E402
 from megatron_sft.data.readers import MissingExtraError  # noqa: E402
@@ -42,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output-prefix", required=True, help="output path prefix")
     p.add_argument("--seq-length", type=int, required=True, help="pack capacity in real tokens")
     p.add_argument("--chat-template", help="Jinja chat template file replacing the tokenizer's")
-    p.add_argument("--mode", default="assistant", choices=["assistant", "all", "last_assistant"], help="supervised turns")
+    p.add_argument("--mode", default="assistant", choices=MASK_MODES, help="supervised turns")
     p.add_argument("--workers", type=int, default=1, help="encoding processes (output identical for any value)")
     p.add_argument("--on-error", default="fail", choices=["fail", "skip"], help="stop at the first bad record, or count and skip")
     p.add_argument("--overlength", default="drop", choices=["drop", "truncate"], help="conversations longer than --seq-length")

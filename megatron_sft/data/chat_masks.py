@@ -82,6 +82,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import typing
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -100,7 +101,8 @@ from megatron_sft.data.chat_spans import (
     span_violation,
 )
 
-MODES = ("assistant", "all", "last_assistant")
+MaskMode = typing.Literal["assistant", "all", "last_assistant"]
+MASK_MODES = typing.get_args(MaskMode)  # which turns are supervised (preprocessing --mode)
 TEMPLATE_ROLE = "template"  # report key for tokens outside every message's span (mode "all")
 
 
@@ -187,8 +189,8 @@ class ChatMasker:
 
     def __init__(self, tokenizer, chat_template: str | None = None, mode: str = "assistant",
                  template_kwargs: dict | None = None):
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode not in MASK_MODES:
+            raise ValueError(f"mode must be one of {MASK_MODES}, got {mode!r}")
         if not getattr(tokenizer, "is_fast", False):
             raise ValueError("ChatMasker needs a fast tokenizer (character offsets); load it with "
                              "AutoTokenizer.from_pretrained(..., use_fast=True)")

@@ -45,6 +45,7 @@ from typing import Iterator
 import numpy as np
 from tqdm import tqdm
 
+from megatron_sft.data.chat_masks import MASK_MODES
 from megatron_sft.data.encode_pool import (Block, Clock, Dropped, EncodePool, EncodeSettings, Encoder, blocks,
                                            encode_in_order, read_spill, start_fork_server)
 from megatron_sft.data.formats import FormatKeys, RecordError, count_records, iter_records, normalize_record
@@ -114,8 +115,8 @@ class CompileConfig:
         problems += [f"--input {p} does not exist" for p in self.inputs if not os.path.exists(p)]
         if self.seq_length < 1:
             problems.append(f"--seq-length must be >= 1, got {self.seq_length}")
-        if self.mode not in ("assistant", "all", "last_assistant"):
-            problems.append(f"--mode must be assistant, all or last_assistant, got {self.mode!r}")
+        if self.mode not in MASK_MODES:
+            problems.append(f"--mode must be {', '.join(MASK_MODES)}, got {self.mode!r}")
         if self.workers < 1:
             problems.append(f"--workers must be >= 1, got {self.workers}")
         if self.on_error not in ("fail", "skip"):

@@ -35,12 +35,15 @@ For the example above: token ``[0,1,1,0 | 1,0,0]``; turn ``[0,.5,.5,0 | 1,0,0]``
 
 from __future__ import annotations
 
+import typing
+
 import numpy as np
 
 IGNORE_INDEX = -100
 """Label value of a position without a target (cross-entropy ignores it)."""
 
-LOSS_MODES = ("token", "turn", "sequence")
+LossMode = typing.Literal["token", "turn", "sequence"]
+LOSS_MODES = typing.get_args(LossMode)  # training.loss_normalization takes these
 """Valid ``mode`` values of :func:`loss_weights`."""
 
 
