@@ -2,7 +2,7 @@
 
 Every section is a dataclass; every field has a docstring (it doubles as ``--help``). Megatron's
 own ``TransformerConfig`` is never re-declared here: it is built by one pure function
-(``megatron_sft.model.transformer_config``) from these sections.
+(``megatron_sft.model.build.transformer_config_from``) from these sections.
 """
 
 from __future__ import annotations
