@@ -9,6 +9,7 @@ packed sequence layout; the CP split is done per CP rank by ``build_micro_batch`
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence, Tuple
@@ -18,6 +19,7 @@ import torch
 
 from megatron_sft.config import SFTConfig, as_list
 from megatron_sft.data.batches import MicroBatch, build_micro_batch, padding_multiples
+from megatron_sft.processes import helper_process_init
 from megatron_sft.training.sampler import SampleStream, micro_batches, rank_slice
 
 
@@ -177,8 +179,11 @@ def train_batches(builder: BatchBuilder, stream: SampleStream, dp_rank: int, dp_
                           stream.consumed_samples, dp_rank, dp_size)
     if num_workers == 0:
         return iter(dataset)
+    # Workers ignore SIGTERM (the trainer saves on it; SLURM signals every process) and die with
+    # the trainer (megatron_sft/processes.py).
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
-                                         collate_fn=lambda x: x, persistent_workers=True)
+                                         collate_fn=lambda x: x, persistent_workers=True,
+                                         worker_init_fn=functools.partial(helper_process_init, parent_pid=os.getpid()))
     return iter(loader)
 
 
