@@ -382,3 +382,12 @@ def test_pretrain_sft_layers_configs_and_documents_the_order(tmp_path, monkeypat
     out = capsys.readouterr().out
     assert "each ``--config`` file in the order given, then the ``--section.key=value`` overrides" in out
     assert "--checkpoint.pretrained" in out
+
+
+def test_interleaved_pipeline_needs_micro_batches_in_groups_of_pp(tmp_path):
+    layout = ["--parallel.pipeline_model_parallel_size=2", "--parallel.virtual_pipeline_model_parallel_size=2",
+              "--training.micro_batch_size=1"]
+    issues = issues_of(tmp_path, layout + ["--training.global_batch_size=3"], world_size=2, has_cuda=False)
+    assert any("gives 3 micro-batches per data-parallel rank" in i and "multiple of 2" in i for i in issues), issues
+    cfg = load_config(write(tmp_path), layout + ["--training.global_batch_size=4"], world_size=2, has_cuda=False)
+    assert cfg.training.global_batch_size == 4
