@@ -17,7 +17,9 @@ pytestmark = pytest.mark.slow
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("parallel")
     train = write_packed(root / "data" / "train", conversations(48, seed=0), seq_length=256)
-    config = write_config(root / "c.yaml", data={"train_prefix": train},
+    # A Phi-3-sized vocabulary: the [32064, 64] output layer split over TP ranks is where an fp32
+    # gradient norm drifted 5e-4 between layouts (the norm is now accumulated in float64).
+    config = write_config(root / "c.yaml", model={"vocab_size": 32064}, data={"train_prefix": train},
                           training={"train_steps": 3, "global_batch_size": 4})
     # One shared initial checkpoint, so that these tests do not depend on the layer-seeded init
     # (test_same_seed_gives_the_same_initial_weights_in_every_layout checks that separately).
@@ -26,11 +28,14 @@ def setup(tmp_path_factory):
     return root, config, train_records(root / "ref")
 
 
-def assert_same_run(records, reference, rel=1e-5):
+def assert_same_run(records, reference, rel=1e-6, norm_rel=2e-6):
+    """Losses within ``rel``, gradient norms within ``norm_rel`` (measured over 5 steps, every
+    layout: losses <= 8e-8 apart, float64 grad norms <= 4.7e-7; the former fp32 norm put TP=2
+    4.7e-4 off with a 32064-token vocabulary, and this test then allowed 2e-4)."""
     assert [r["step"] for r in records] == [r["step"] for r in reference]
     for got, ref in zip(records, reference):
         assert got["loss"] == pytest.approx(ref["loss"], rel=rel), (got, ref)
-        assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=20 * rel), (got, ref)
+        assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=norm_rel), (got, ref)
         assert got["supervised_tokens"] == ref["supervised_tokens"]
 
 
@@ -89,7 +94,7 @@ def test_resume_at_a_different_parallel_layout(setup, layout):
         f"--logging.dir={resumed}", layout, nproc=2)
     got = train_records(resumed)
     assert [r["step"] for r in got] == [4, 5, 6]
-    assert_same_run(got, train_records(straight)[3:], rel=1e-5)
+    assert_same_run(got, train_records(straight)[3:])
 
 
 def test_tied_embeddings_across_pipeline_stages(tmp_path):
