@@ -20,7 +20,8 @@ The CPU patches (process-global, idempotent, written for megatron-core 0.19.2):
 3. RNG: the tracker is Megatron's no-op inference tracker (``fork()`` does not switch state;
    dropout is 0 for SFT) and ``tensor_parallel.random._get/_set_cuda_rng_state`` (used by
    activation recompute) save/restore the CPU generator. Random init is made layout-independent
-   by ``use_cpu_initialization`` (see ``build.transformer_config_from``).
+   by ``use_cpu_initialization`` (full weights drawn, then split: TP) and per-layer seeds
+   (``build.seed_layers_by_number``: PP, VP).
 
 Not patched, hence unsupported on CPU: distributed optimizer, bf16/fp16 optimizer, overlapped
 grad reduce, fused kernels (``gradient_accumulation_fusion``, ``persist_layer_norm``,
