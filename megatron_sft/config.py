@@ -791,6 +791,13 @@ def _check_batch(cfg, world_size, has_cuda, issues):
             issues.append(f"training.global_batch_size={t.global_batch_size} is not divisible by "
                           f"micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp}: set it to a "
                           f"multiple of {t.micro_batch_size * dp}")
+        elif (p.virtual_pipeline_model_parallel_size or 1) > 1 and \
+                (t.global_batch_size // (t.micro_batch_size * dp)) % p.pipeline_model_parallel_size:
+            per_rank = t.global_batch_size // (t.micro_batch_size * dp)
+            issues.append(f"training.global_batch_size={t.global_batch_size} gives {per_rank} micro-batches per "
+                          f"data-parallel rank; interleaved pipelines run them in groups of pipeline_model_"
+                          f"parallel_size={p.pipeline_model_parallel_size}: set global_batch_size to a multiple "
+                          f"of {t.micro_batch_size * dp * p.pipeline_model_parallel_size}")
     cp = p.context_parallel_size
     if cp > 1 and cfg.data.seq_length % (2 * cp):
         issues.append(f"data.seq_length={cfg.data.seq_length} is not divisible by 2 x context_parallel_size"

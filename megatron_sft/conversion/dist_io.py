@@ -23,6 +23,7 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing import ShardedTensor
 
 from megatron_sft.conversion.common import ConversionError
+from megatron_sft.processes import write_checkpoints_in_process
 
 MODEL_KEY = "model"
 # torch.distributed.checkpoint's CheckpointException derives from BaseException.
@@ -90,6 +91,7 @@ def save_model(tensors: Dict[str, torch.Tensor], out_dir: Path, layer_layout: st
         else:
             state[key] = ShardedTensor.from_rank_offsets(
                 stacked[0], tensor, (0, stacked[1], num_layers), replica_id=0, prepend_axis_num=1)
+    write_checkpoints_in_process()  # no spawned results-queue process (megatron_sft/processes.py)
     with single_process_group(), cpu_checkpoint_shims():
         dist_checkpointing.save({MODEL_KEY: state}, str(out_dir))
 

@@ -8,6 +8,7 @@ whatever the backend: ``canonical_sharded_state_dict``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Any, Mapping, Optional
 
 import torch
@@ -16,7 +17,9 @@ import torch.nn.functional as F
 import megatron_sft.mcore  # noqa: F401
 from megatron.core import parallel_state
 from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from megatron_sft.config import ModelConfig, ParallelConfig
 from megatron_sft.model.spec import get_block_spec
@@ -130,11 +133,15 @@ def build_gpt_model(
     post_process: bool = True,
     vp_stage: Optional[int] = None,
     transformer_config: Optional[TransformerConfig] = None,
+    init_seed: Optional[int] = None,
 ) -> GPTModel:
     """The one function constructing a model: this rank's GPTModel (chunk ``vp_stage``).
 
     ``backend``: resolved ``te`` | ``torch`` (``spec.resolve_attention_backend``).
     ``transformer_config``: defaults to ``transformer_config_from(model_cfg, parallel_cfg)``.
+    ``init_seed``: seed every transformer layer's CPU-generator draws by its global layer number
+    (``seed_layers_by_number``); with CPU initialisation the random weights are then the same in
+    every parallel layout. None: Megatron's build order decides (differs by PP).
     Parameters are on the current CUDA device (CPU without CUDA)."""
     if model_cfg.rope_scaling is not None and model_cfg.rope_scaling.rope_type != "llama3":
         raise ValueError(
@@ -143,7 +150,7 @@ def build_gpt_model(
         )
     config = transformer_config or transformer_config_from(model_cfg, parallel_cfg)
     with _output_layer_without_apex(config) as patched:
-        model = _gpt_model(model_cfg, config, backend, pre_process, post_process, vp_stage)
+        model = _gpt_model(model_cfg, config, backend, pre_process, post_process, vp_stage, init_seed)
     if patched and getattr(model, "output_layer", None) is not None:
         model.output_layer.gradient_accumulation_fusion = False
     _apply_rope_scaling(model, model_cfg, config)
@@ -171,10 +178,52 @@ def _output_layer_without_apex(config: TransformerConfig):
         layers._grad_accum_fusion_available = False
 
 
-def _gpt_model(model_cfg, config, backend, pre_process, post_process, vp_stage) -> GPTModel:
+def layer_init_seed(seed: int, global_layer_number: int) -> int:
+    """Seed of the CPU generator while transformer layer ``global_layer_number`` (1-based, over
+    the whole model) is built: a function of the run's seed and the layer only."""
+    return (seed * 1_000_003 + global_layer_number) % (2 ** 63)
+
+
+def _seeded_layer_class(layer_class: type, seed: int) -> type:
+    """``layer_class`` that seeds the CPU generator with ``layer_init_seed(seed, its global layer
+    number)`` before building its weights.
+
+    Why: with CPU initialisation (``use_cpu_initialization``, the default without CUDA) Megatron
+    draws every full weight from one CPU generator in build order, so under PP=2 the second stage
+    drew layer 3's weights from where one process drew layer 1's. Seeding per layer makes the
+    initial weights independent of TP/PP/VP/DP; the embedding is built before any layer (first
+    stage) and the output layer right after the last layer (last stage), so both follow too."""
+
+    class SeededLayer(layer_class):
+        def __init__(self, config, submodules, layer_number: int = 1, *args, **kwargs):
+            pg_collection, vp_stage = kwargs.get("pg_collection"), kwargs.get("vp_stage")
+            pp_rank = pg_collection.pp.rank() if pg_collection is not None else None
+            offset = get_transformer_layer_offset(config, vp_stage, pp_rank)
+            torch.manual_seed(layer_init_seed(seed, layer_number + offset))
+            super().__init__(config, submodules, layer_number, *args, **kwargs)
+
+    SeededLayer.__name__ = SeededLayer.__qualname__ = layer_class.__name__
+    return SeededLayer
+
+
+def seed_layers_by_number(block_spec, seed: int):
+    """``block_spec`` (a layer ModuleSpec or a TransformerBlockSubmodules) with every layer built
+    by ``_seeded_layer_class``; the spec objects passed in are not modified."""
+    def seeded(spec):
+        return dataclasses.replace(spec, module=_seeded_layer_class(spec.module, seed))
+
+    if isinstance(block_spec, ModuleSpec):
+        return seeded(block_spec)
+    return dataclasses.replace(block_spec, layer_specs=[seeded(spec) for spec in block_spec.layer_specs])
+
+
+def _gpt_model(model_cfg, config, backend, pre_process, post_process, vp_stage, init_seed=None) -> GPTModel:
+    block_spec = get_block_spec(model_cfg, backend, config, vp_stage=vp_stage)
+    if init_seed is not None:
+        block_spec = seed_layers_by_number(block_spec, init_seed)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=get_block_spec(model_cfg, backend, config, vp_stage=vp_stage),
+        transformer_layer_spec=block_spec,
         vocab_size=model_cfg.vocab_size,
         max_sequence_length=model_cfg.max_position_embeddings,
         pre_process=pre_process,
@@ -196,9 +245,11 @@ def build_model_chunks(
     *,
     backend: str,
     transformer_config: Optional[TransformerConfig] = None,
+    init_seed: Optional[int] = None,
 ) -> list[GPTModel]:
     """This rank's model chunks, in order: one per virtual pipeline stage (a single chunk without
-    interleaving). Needs ``runtime.setup_model_parallel`` first."""
+    interleaving). Needs ``runtime.setup_model_parallel`` first. ``init_seed``: see
+    ``build_gpt_model``."""
     config = transformer_config or transformer_config_from(model_cfg, parallel_cfg)
     vp_size = parallel_cfg.virtual_pipeline_model_parallel_size
     if vp_size is None or vp_size <= 1:
@@ -216,6 +267,7 @@ def build_model_chunks(
                 post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
                 vp_stage=vp_stage,
                 transformer_config=config,
+                init_seed=init_seed,
             )
         )
     return chunks

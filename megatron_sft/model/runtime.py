@@ -20,7 +20,8 @@ The CPU patches (process-global, idempotent, written for megatron-core 0.19.2):
 3. RNG: the tracker is Megatron's no-op inference tracker (``fork()`` does not switch state;
    dropout is 0 for SFT) and ``tensor_parallel.random._get/_set_cuda_rng_state`` (used by
    activation recompute) save/restore the CPU generator. Random init is made layout-independent
-   by ``use_cpu_initialization`` (see ``build.transformer_config_from``).
+   by ``use_cpu_initialization`` (full weights drawn, then split: TP) and per-layer seeds
+   (``build.seed_layers_by_number``: PP, VP).
 
 Not patched, hence unsupported on CPU: distributed optimizer, bf16/fp16 optimizer, overlapped
 grad reduce, fused kernels (``gradient_accumulation_fusion``, ``persist_layer_norm``,
@@ -233,27 +234,34 @@ def apply_cpu_patches() -> None:
 def initialize_distributed(backend: Optional[str] = None, timeout_minutes: int = 30) -> None:
     """Join the torchrun/SLURM process group (env://: RANK, WORLD_SIZE, MASTER_ADDR/PORT,
     LOCAL_RANK). ``backend`` defaults to nccl with CUDA, gloo without; selects the local GPU.
-    A single process without those variables becomes rank 0 of a world of 1."""
+    A single process without MASTER_PORT becomes rank 0 of a world of 1 with an in-process store:
+    it listens on no port, so any number of such runs share a host (a fixed default port made the
+    second one fail with EADDRINUSE)."""
     if torch.distributed.is_initialized():
         return
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    torch.distributed.init_process_group(
-        backend=backend or ("nccl" if torch.cuda.is_available() else "gloo"),
-        timeout=datetime.timedelta(minutes=timeout_minutes),
-    )
+    options = dict(backend=backend or ("nccl" if torch.cuda.is_available() else "gloo"),
+                   timeout=datetime.timedelta(minutes=timeout_minutes))
+    if os.environ["WORLD_SIZE"] == "1" and "MASTER_PORT" not in os.environ:
+        torch.distributed.init_process_group(store=torch.distributed.HashStore(), rank=0, world_size=1, **options)
+        return
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    torch.distributed.init_process_group(**options)
 
 
 def setup_model_parallel(parallel_cfg: ParallelConfig, *, seed: int = 1234) -> None:
     """Megatron's parallel state for ``parallel_cfg`` (data parallel = world / (TP*PP*CP)), the
-    CPU patches where CUDA is absent, and the seeds (CPU generator + Megatron's RNG tracker).
+    CPU patches where CUDA is absent, checkpoint writes without a helper process, and the seeds
+    (CPU generator + Megatron's RNG tracker).
     Raises ValueError when the world size does not divide by TP*PP*CP."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    from megatron_sft.processes import write_checkpoints_in_process
 
     problem = world_size_problem(parallel_cfg, torch.distributed.get_world_size())
     if problem:
@@ -265,6 +273,7 @@ def setup_model_parallel(parallel_cfg: ParallelConfig, *, seed: int = 1234) -> N
         context_parallel_size=parallel_cfg.context_parallel_size,
     )
     apply_cpu_patches()
+    write_checkpoints_in_process()  # no checkpoint-writer helper process (megatron_sft/processes.py)
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed, inference_rng_tracker=not torch.cuda.is_available())
 

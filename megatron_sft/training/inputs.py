@@ -9,6 +9,7 @@ packed sequence layout; the CP split is done per CP rank by ``build_micro_batch`
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import torch
 
 from megatron_sft.config import SFTConfig, as_list
 from megatron_sft.data.batches import MicroBatch, build_micro_batch, padding_multiples
+from megatron_sft.processes import helper_process_init
 from megatron_sft.training.sampler import SampleStream, micro_batches, rank_slice
 
 logger = logging.getLogger("megatron_sft")
@@ -211,25 +213,39 @@ def train_batches(builder: BatchBuilder, stream: SampleStream, dp_rank: int, dp_
                           stream.consumed_samples, dp_rank, dp_size)
     if num_workers == 0:
         return iter(dataset)
+    # Workers ignore SIGTERM (the trainer saves on it; SLURM signals every process) and die with
+    # the trainer (megatron_sft/processes.py).
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
-                                         collate_fn=lambda x: x, persistent_workers=True)
+                                         collate_fn=lambda x: x, persistent_workers=True,
+                                         worker_init_fn=functools.partial(helper_process_init, parent_pid=os.getpid()))
     return iter(loader)
+
+
+def micro_batch_multiple(cfg: SFTConfig) -> int:
+    """What each rank's number of micro-batches per schedule run must divide by: the pipeline
+    size with interleaving (Megatron runs micro-batches in groups of PP per model chunk), else 1."""
+    p = cfg.parallel
+    return p.pipeline_model_parallel_size if (p.virtual_pipeline_model_parallel_size or 1) > 1 else 1
 
 
 def eval_micro_batches(builder: BatchBuilder, sizes: Sequence[int], cfg: SFTConfig, dp_rank: int,
                        dp_size: int, max_batches: Optional[int]) -> List[List[MicroBatch]]:
     """Validation micro-batches per global batch: every pack of every dataset once, in file
-    order, split over DP ranks; ranks left short get zero-weight fillers."""
+    order, split over DP ranks; ranks left short get zero-weight fillers, and so does a rank's
+    list short of a multiple of ``micro_batch_multiple`` (a last batch of 1 micro-batch under
+    PP=2 x VP=2 runs as 1 real + 1 filler). Fillers add exactly 0 to the loss sums and counts."""
     samples = [(d, i) for d, size in enumerate(sizes) for i in range(size)]
     gbs, mbs = cfg.training.global_batch_size, cfg.training.micro_batch_size
     batches = [samples[i:i + gbs] for i in range(0, len(samples), gbs)]
     if max_batches is not None:
         batches = batches[:max_batches]
+    multiple = micro_batch_multiple(cfg)
     out = []
     for batch in batches:
         per_rank = -(-len(batch) // dp_size)
         mine = batch[dp_rank * per_rank:(dp_rank + 1) * per_rank]
         num_micro = -(-per_rank // mbs)
+        num_micro = -(-num_micro // multiple) * multiple
         groups = [mine[i * mbs:(i + 1) * mbs] for i in range(num_micro)]
         out.append([builder.micro_batch(g) if g else builder.micro_batch([samples[0]], zero_weight=True)
                     for g in groups])

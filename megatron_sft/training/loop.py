@@ -42,6 +42,16 @@ class TrainingError(RuntimeError):
     """Training cannot go on (e.g. too many non-finite steps in a row); the message says why."""
 
 
+def skip_reason(loss: float, norm: float) -> str:
+    """Why an update was skipped, naming the value that is not finite: a NaN grad norm of a step
+    with a finite loss is reported as such, not as a non-finite loss."""
+    if not math.isfinite(loss):
+        return f"non-finite loss {loss} (no gradient norm computed)"
+    if not math.isfinite(norm):
+        return f"non-finite grad_norm {norm} (the loss {loss:.6g} is finite)"
+    return f"the optimizer rejected the update (loss {loss:.6g}, grad_norm {norm:.6g})"
+
+
 class Trainer:
     """Holds everything a run needs; ``train()`` and ``evaluate()`` are the two entry points."""
 
@@ -149,13 +159,13 @@ class Trainer:
             self.skipped_in_row = 0
             return
         self.skipped_in_row += 1
-        logger.warning("step %d skipped: non-finite loss %s / grad_norm %s (%d in a row)",
-                       self.step, loss, norm, self.skipped_in_row)
+        reason = skip_reason(loss, norm)
+        logger.warning("step %d skipped: %s (%d in a row)", self.step, reason, self.skipped_in_row)
         if self.skipped_in_row > self.cfg.training.max_skipped_steps:
             raise TrainingError(
-                f"step {self.step}: loss {loss}, grad_norm {norm} is not finite ({self.skipped_in_row} step(s) in "
-                f"a row, training.max_skipped_steps={self.cfg.training.max_skipped_steps}). Lower training.lr, "
-                "check the data, or raise training.max_skipped_steps to skip such steps")
+                f"step {self.step}: {reason} ({self.skipped_in_row} step(s) in a row, training.max_skipped_steps="
+                f"{self.cfg.training.max_skipped_steps}). Lower training.lr, check the data, or raise "
+                "training.max_skipped_steps to skip such steps")
 
     def _step_record(self, loss: LossReport, norm: float, lr: float, stats: dict, elapsed: float,
                      skipped: bool) -> dict:

@@ -34,8 +34,9 @@ def build_model(cfg: SFTConfig) -> List[torch.nn.Module]:
         recompute_num_layers=t.recompute_num_layers if full else None,
         overrides={**speed_overrides(cfg, backend), **recompute_overrides(cfg)},
     )
+    # Layer-seeded init: the same initial weights in every parallel layout (CPU initialisation).
     chunks = model_build.build_model_chunks(cfg.model, cfg.parallel, backend=backend,
-                                            transformer_config=transformer_config)
+                                            transformer_config=transformer_config, init_seed=t.seed)
     if t.bf16:
         chunks = [Float16Module(transformer_config, chunk) for chunk in chunks]
     ddp_config = DistributedDataParallelConfig(

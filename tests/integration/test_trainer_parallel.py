@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.integration.trainer_helpers import (conversations, run, train_records, write_config, write_packed)
+from tests.integration.trainer_helpers import (conversations, metrics, run, train_records, write_config,
+                                               write_packed)
 
 pytestmark = pytest.mark.slow
 
@@ -16,19 +17,25 @@ pytestmark = pytest.mark.slow
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("parallel")
     train = write_packed(root / "data" / "train", conversations(48, seed=0), seq_length=256)
-    config = write_config(root / "c.yaml", data={"train_prefix": train},
+    # A Phi-3-sized vocabulary: the [32064, 64] output layer split over TP ranks is where an fp32
+    # gradient norm drifted 5e-4 between layouts (the norm is now accumulated in float64).
+    config = write_config(root / "c.yaml", model={"vocab_size": 32064}, data={"train_prefix": train},
                           training={"train_steps": 3, "global_batch_size": 4})
-    # One shared initial checkpoint: random init is not the same across PP layouts.
+    # One shared initial checkpoint, so that these tests do not depend on the layer-seeded init
+    # (test_same_seed_gives_the_same_initial_weights_in_every_layout checks that separately).
     run(config, "--training.train_steps=1", f"--checkpoint.save={root / 'init'}")
     run(config, f"--checkpoint.pretrained={root / 'init'}", f"--logging.dir={root / 'ref'}")
     return root, config, train_records(root / "ref")
 
 
-def assert_same_run(records, reference, rel=1e-5):
+def assert_same_run(records, reference, rel=1e-6, norm_rel=2e-6):
+    """Losses within ``rel``, gradient norms within ``norm_rel`` (measured over 5 steps, every
+    layout: losses <= 8e-8 apart, float64 grad norms <= 4.7e-7; the former fp32 norm put TP=2
+    4.7e-4 off with a 32064-token vocabulary, and this test then allowed 2e-4)."""
     assert [r["step"] for r in records] == [r["step"] for r in reference]
     for got, ref in zip(records, reference):
         assert got["loss"] == pytest.approx(ref["loss"], rel=rel), (got, ref)
-        assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=20 * rel), (got, ref)
+        assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=norm_rel), (got, ref)
         assert got["supervised_tokens"] == ref["supervised_tokens"]
 
 
@@ -87,7 +94,7 @@ def test_resume_at_a_different_parallel_layout(setup, layout):
         f"--logging.dir={resumed}", layout, nproc=2)
     got = train_records(resumed)
     assert [r["step"] for r in got] == [4, 5, 6]
-    assert_same_run(got, train_records(straight)[3:], rel=1e-5)
+    assert_same_run(got, train_records(straight)[3:])
 
 
 def test_tied_embeddings_across_pipeline_stages(tmp_path):
@@ -101,3 +108,20 @@ def test_tied_embeddings_across_pipeline_stages(tmp_path):
     run(config, *common, f"--logging.dir={tmp_path / 'ref'}")
     run(config, *common, f"--logging.dir={tmp_path / 'pp2'}", "--parallel.pipeline_model_parallel_size=2", nproc=2)
     assert_same_run(train_records(tmp_path / "pp2"), train_records(tmp_path / "ref"))
+
+
+def test_same_seed_gives_the_same_initial_weights_in_every_layout(tmp_path):
+    """No shared checkpoint: one process and PP=2 x VP=2 (layers 1,3 on one rank, 2,4 on the
+    other) evaluate the same random initial weights to the same loss (layer-seeded init). The
+    validation set's last global batch holds one pack: one micro-batch, which the interleaved
+    schedule cannot run alone, so it is padded with a zero-weight filler that adds nothing."""
+    valid = write_packed(tmp_path / "valid", conversations(5, seed=1, min_len=100, max_len=200), seq_length=256,
+                         packs=[[i] for i in range(5)])
+    config = write_config(tmp_path / "c.yaml", data={"train_prefix": valid, "valid_prefix": valid})
+    run(config, "--eval-only", f"--logging.dir={tmp_path / 'one'}")
+    run(config, "--eval-only", f"--logging.dir={tmp_path / 'pp2_vp2'}", "--parallel.pipeline_model_parallel_size=2",
+        "--parallel.virtual_pipeline_model_parallel_size=2", nproc=2)
+    one, interleaved = metrics(tmp_path / "one")[-1], metrics(tmp_path / "pp2_vp2")[-1]
+    assert one["eval_tokens"] == interleaved["eval_tokens"] > 0
+    assert interleaved["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-12, abs=0)
+    assert abs(one["eval_loss"] - 4.85) < 0.1  # random weights: about ln(128)

@@ -410,3 +410,12 @@ def test_context_parallel_on_a_gpu_without_transformer_engine_is_reported(tmp_pa
     assert any("context_parallel_size=2 needs the te attention backend" in i and "no Transformer Engine here" in i
                for i in issues), issues
     load_config(write(tmp_path), overrides, world_size=2, has_cuda=True, has_te=True)  # no issue with TE
+
+
+def test_interleaved_pipeline_needs_micro_batches_in_groups_of_pp(tmp_path):
+    layout = ["--parallel.pipeline_model_parallel_size=2", "--parallel.virtual_pipeline_model_parallel_size=2",
+              "--training.micro_batch_size=1"]
+    issues = issues_of(tmp_path, layout + ["--training.global_batch_size=3"], world_size=2, has_cuda=False)
+    assert any("gives 3 micro-batches per data-parallel rank" in i and "multiple of 2" in i for i in issues), issues
+    cfg = load_config(write(tmp_path), layout + ["--training.global_batch_size=4"], world_size=2, has_cuda=False)
+    assert cfg.training.global_batch_size == 4

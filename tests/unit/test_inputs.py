@@ -10,7 +10,7 @@ import pytest
 from megatron_sft.config import DataConfig, ModelConfig, ParallelConfig, SFTConfig, TrainingConfig
 from megatron_sft.data import PackedDataset
 from megatron_sft.data.batches import padding_multiples
-from megatron_sft.training.inputs import BatchBuilder, fixed_micro_batch_length
+from megatron_sft.training.inputs import BatchBuilder, eval_micro_batches, fixed_micro_batch_length
 from tests.integration.trainer_helpers import conversations, write_packed
 
 
@@ -73,3 +73,17 @@ def test_tokenizers_must_agree_across_train_valid_and_pretrained(tmp_path, tiny_
     check_tokenizers([train, valid], cfg)
     with pytest.raises(DataError, match="checkpoint.pretrained tokenizer"):
         check_tokenizers([other], cfg)
+
+
+@pytest.mark.parametrize("vp, expected", [(None, [4, 1]), (2, [4, 2])])
+def test_eval_batches_under_interleaving_come_in_multiples_of_pp(tmp_path, vp, expected):
+    """5 packs, global batch 4, PP=2, one DP rank: the last batch of 1 micro-batch gets a
+    zero-weight filler under VP (Megatron's interleaved schedule runs groups of PP)."""
+    ds = PackedDataset(write_packed(tmp_path / "d", conversations(5, seed=2), seq_length=256,
+                                    packs=[[i] for i in range(5)]))
+    cfg = _cfg(ParallelConfig(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=vp), 1)
+    builder = BatchBuilder([ds], [0], cfg, pad_to_length=fixed_micro_batch_length([ds], cfg))
+    batches = eval_micro_batches(builder, [len(ds)], cfg, dp_rank=0, dp_size=1, max_batches=None)
+    assert [len(b) for b in batches] == expected
+    assert [b.num_targets > 0 for b in batches[-1]] == [True] + [False] * (expected[-1] - 1)
+    assert all(float(b.loss_weight.sum()) == 0 for b in batches[-1][1:])
