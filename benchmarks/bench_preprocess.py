@@ -66,7 +66,7 @@ def _inputs(tmp: str, tokenizer_arg: str | None, repeat: int) -> tuple[str, list
     if tokenizer_arg is None and os.path.isdir(qwen):
         tokenizer_arg = qwen
     if tokenizer_arg is None:
-        from megatron_sft.data.tiny_tokenizer import build_tiny_tokenizer
+        from megatron_sft.testing.tiny_tokenizer import build_tiny_tokenizer
 
         tokenizer_arg = os.path.join(tmp, "tiny_tokenizer")
         build_tiny_tokenizer(tokenizer_arg)

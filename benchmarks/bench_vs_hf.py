@@ -98,7 +98,7 @@ def chat_files(args, tok_dir: str) -> list[list[str]]:
 
 def prepare_data(args) -> str:
     """Tokenizer, chats and packs under ``args.data_dir``; returns the packed prefix (reused if present)."""
-    from megatron_sft.data.tiny_tokenizer import build_tiny_tokenizer
+    from megatron_sft.testing.tiny_tokenizer import build_tiny_tokenizer
 
     tok_dir = os.path.join(args.data_dir, "tok")
     prefix = os.path.join(args.data_dir, f"train_{args.seq_length}" + ("_tiny" if args.tiny else ""))

@@ -19,7 +19,7 @@ timeout ${GPU_TEST_TIMEOUT:-200} python3 -m pytest -q -m gpu ${GPU_TESTS:-tests/
 echo "gpu tests rc=$?" >> "$OUT/gpu_tests.log"; tail -3 "$OUT/gpu_tests.log"
 
 D=/tmp/gpudata; rm -rf $D; mkdir -p $D
-python3 -c "from megatron_sft.data.tiny_tokenizer import build_tiny_tokenizer as b; b('$D/tok')"
+python3 -c "from megatron_sft.testing.tiny_tokenizer import build_tiny_tokenizer as b; b('$D/tok')"
 python3 benchmarks/make_synthetic_chats.py --out $D/train.jsonl --records 3000 --seed 1
 python3 benchmarks/make_synthetic_chats.py --out $D/valid.jsonl --records 200 --seed 2
 for split in train valid; do

@@ -18,7 +18,7 @@ D=${DATA_DIR:-/tmp/gpudata}; mkdir -p $D
   python3 -c "import torch, transformer_engine, megatron.core as m; print('torch', torch.__version__, 'te', transformer_engine.__version__, 'mcore', m.__version__)"
 } > "$OUT/env.txt" 2>&1
 
-[ -d $D/tok ] || python3 -c "from megatron_sft.data.tiny_tokenizer import build_tiny_tokenizer as b; b('$D/tok')"
+[ -d $D/tok ] || python3 -c "from megatron_sft.testing.tiny_tokenizer import build_tiny_tokenizer as b; b('$D/tok')"
 prep() {  # name, seq_length, generator args...
   local name=$1 seq=$2; shift 2
   [ -f $D/$name.meta.json ] && return

@@ -7,7 +7,7 @@
 
 For throughput runs and packing studies when no real data is at hand (the GPU box is offline).
 Turn texts are random words, so token counts depend on the tokenizer: the tiny tokenizer
-(``megatron_sft.data.tiny_tokenizer``) makes about 4.0 tokens a word, so 24.7-31.1K words are
+(``megatron_sft.testing.tiny_tokenizer``) makes about 4.0 tokens a word, so 24.7-31.1K words are
 about 100-126K tokens (``benchmarks/bench_vs_hf.py`` measures the ratio before choosing lengths).
 
 With ``--min-words N`` every record holds between N and ``--max-total-words`` words in all (drawn

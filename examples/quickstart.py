@@ -97,7 +97,7 @@ def main() -> int:
     (out / "data").mkdir(parents=True)
 
     sys.path.insert(0, str(REPO))
-    from megatron_sft.data.tiny_tokenizer import build_tiny_tokenizer
+    from megatron_sft.testing.tiny_tokenizer import build_tiny_tokenizer
 
     tokenizer_dir = out / "tokenizer"
     build_tiny_tokenizer(tokenizer_dir)

@@ -22,7 +22,7 @@ def fixture_path(*parts: str) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory) -> Path:
-    from megatron_sft.data.tiny_tokenizer import build_tiny_tokenizer
+    from megatron_sft.testing.tiny_tokenizer import build_tiny_tokenizer
 
     out = tmp_path_factory.mktemp("tiny_tokenizer")
     build_tiny_tokenizer(out)

@@ -9,7 +9,6 @@ Modules (import them directly; this package imports nothing, so it stays cheap):
     hf_io.py        streaming safetensors reader/writer, tokenizer files, generation_config
     dist_io.py      the "model" dist checkpoint (one process, CPU)
     convert.py      hf_to_megatron(hf_dir, out_dir, ...), megatron_to_hf(megatron_dir, out_dir, ...)
-    tiny_models.py  tiny random HF models of each family (tests, smoke runs)
 
 CLIs: tools/convert_hf_to_megatron.py, tools/convert_megatron_to_hf.py.
 """

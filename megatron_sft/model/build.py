@@ -304,16 +304,3 @@ def canonical_sharded_state_dict(chunk: GPTModel, prefix: str = "", **kwargs) ->
         out[name] = value
     return out
 
-
-def load_canonical_state_dict(chunk: GPTModel, state_dict: Mapping[str, Any]) -> None:
-    """Load what ``dist_checkpointing.load(canonical_sharded_state_dict(chunk), path)`` returned.
-
-    Strict except for TE's ``_extra_state`` (FP8 metadata, never checkpointed by us): a checkpoint
-    from the torch backend lacks it and the TE modules keep their defaults."""
-    result = chunk.load_state_dict(state_dict, strict=False)
-    missing = [key for key in result.missing_keys if not key.endswith("_extra_state")]
-    if missing or result.unexpected_keys:
-        raise RuntimeError(
-            f"checkpoint does not match the model: missing {missing[:5]}, unexpected "
-            f"{result.unexpected_keys[:5]} (model_cfg or attention backend differ from the run that saved it?)"
-        )

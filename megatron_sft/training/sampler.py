@@ -126,10 +126,3 @@ def micro_batches(samples: Sequence, micro_batch_size: int) -> List[List]:
     assert len(samples) % micro_batch_size == 0, (len(samples), micro_batch_size)
     return [list(samples[i:i + micro_batch_size]) for i in range(0, len(samples), micro_batch_size)]
 
-
-def eval_batches(size: int, global_batch_size: int, max_batches: Optional[int]) -> List[List[int]]:
-    """Validation sample indices in file order, in global batches (the last one may be short;
-    it is padded by the caller's rank split with no samples, never by repeating samples)."""
-    indices = list(range(size))
-    batches = [indices[i:i + global_batch_size] for i in range(0, size, global_batch_size)]
-    return batches if max_batches is None else batches[:max_batches]

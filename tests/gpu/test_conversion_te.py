@@ -84,7 +84,7 @@ def _te_available() -> bool:
 def test_converted_checkpoints_in_te_backend(tmp_path, tiny_tokenizer_dir):
     from transformers import AutoTokenizer
 
-    from megatron_sft.conversion.tiny_models import build_tiny_hf_model
+    from megatron_sft.testing.tiny_models import build_tiny_hf_model
 
     tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
     conversations = [[{"role": "user", "content": "What is the capital of France?"},

@@ -36,7 +36,7 @@ from megatron_sft.config import ModelConfig, ParallelConfig, RopeScalingConfig
 from megatron_sft.data.batches import build_micro_batch
 from megatron_sft.model import runtime
 from megatron_sft.model.build import (build_model_chunks, canonical_key, canonical_sharded_state_dict,
-                                     load_canonical_state_dict, transformer_config_from)
+                                     transformer_config_from)
 
 SEQ_LENGTH = 96
 NUM_MICROBATCHES = 4
@@ -52,6 +52,20 @@ MODEL = ModelConfig(
     qk_layernorm=True,
     rope_scaling=RopeScalingConfig(factor=4.0, original_max_position_embeddings=64),
 )
+
+
+def load_canonical_state_dict(chunk, state_dict) -> None:
+    """Load what ``dist_checkpointing.load(canonical_sharded_state_dict(chunk), path)`` returned.
+
+    Strict except for TE's ``_extra_state`` (FP8 metadata, never checkpointed by us): a checkpoint
+    from the torch backend lacks it and the TE modules keep their defaults."""
+    result = chunk.load_state_dict(state_dict, strict=False)
+    missing = [key for key in result.missing_keys if not key.endswith("_extra_state")]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(
+            f"checkpoint does not match the model: missing {missing[:5]}, unexpected "
+            f"{result.unexpected_keys[:5]} (model_cfg or attention backend differ from the run that saved it?)"
+        )
 
 
 def make_packs(seed: int, num_packs: int) -> list[dict]:

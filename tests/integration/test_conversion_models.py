@@ -198,7 +198,7 @@ def converted(tmp_path_factory, tiny_tokenizer_dir):
     """Per family: tiny fp32 HF model + HF reference logits, converted to Megatron and back
     (both through the CLIs, in one Python process). Llama goes through several safetensors
     shards + index on both sides."""
-    from megatron_sft.conversion.tiny_models import build_tiny_hf_model
+    from megatron_sft.testing.tiny_models import build_tiny_hf_model
     from transformers import AutoTokenizer
 
     root = tmp_path_factory.mktemp("conversion")
@@ -289,7 +289,7 @@ def test_megatron_logits_match_hf(megatron_runs, tp):
 def test_llama3_rope_scaling_is_exercised(tmp_path):
     """The tiny Llama's RoPE scaling changes its logits far beyond ATOL, so the logits test above
     proves Megatron applies all four llama3 parameters."""
-    from megatron_sft.conversion.tiny_models import build_tiny_hf_model
+    from megatron_sft.testing.tiny_models import build_tiny_hf_model
 
     tokens = torch.arange(3, 60)[None]
     scaled = build_tiny_hf_model("llama", seed=0)
@@ -319,7 +319,7 @@ from pathlib import Path
 import torch
 from megatron_sft.conversion import dist_io
 from megatron_sft.conversion.convert import hf_to_megatron, megatron_to_hf
-from megatron_sft.conversion.tiny_models import build_tiny_hf_model
+from megatron_sft.testing.tiny_models import build_tiny_hf_model
 
 def main(root, tokenizer_dir):
     build_tiny_hf_model("qwen3", str(root / "hf"), dtype=torch.bfloat16, tokenizer_dir=tokenizer_dir)

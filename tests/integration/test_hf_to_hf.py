@@ -90,8 +90,8 @@ def test_hf_folder_to_training_to_transformers(tmp_path, tiny_tokenizer_dir):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from megatron_sft.conversion.tiny_models import build_tiny_hf_model
-    from megatron_sft.data.tiny_tokenizer import CHATML_TEMPLATE
+    from megatron_sft.testing.tiny_models import build_tiny_hf_model
+    from megatron_sft.testing.tiny_tokenizer import CHATML_TEMPLATE
 
     tokenizer_dir, vocab_size = _tokenizer_and_vocab(tiny_tokenizer_dir)
     hf, hf_home = tmp_path / "hf", tmp_path / "hf_home"

@@ -383,7 +383,7 @@ REASONING_PART = "{% if message.reasoning_content %}<think>\n{{ message.reasonin
     ("last only", 1),  # Qwen3-like: only the last message's
 ])
 def test_reasoning_a_template_drops_is_counted(tiny_tokenizer, template_edit, not_rendered):
-    from megatron_sft.data.tiny_tokenizer import CHATML_TEMPLATE
+    from megatron_sft.testing.tiny_tokenizer import CHATML_TEMPLATE
 
     assert REASONING_PART in CHATML_TEMPLATE
     template = {"as is": CHATML_TEMPLATE,

@@ -16,7 +16,7 @@ from megatron_sft.data import compiler as compiler_module
 from megatron_sft.data.chat_masks import ChatMasker
 from megatron_sft.data.compiler import CompileConfig, CompileError, compile_dataset
 from megatron_sft.data.indexed import indexed_paths, meta_path, output_paths, report_path
-from megatron_sft.data.tiny_tokenizer import CHATML_TEMPLATE
+from megatron_sft.testing.tiny_tokenizer import CHATML_TEMPLATE
 from megatron_sft.data.tokenizer_identity import vocab_sha256
 
 RAISING_TEMPLATE = (
@@ -235,7 +235,7 @@ def test_unrecognized_format_under_fail_names_the_key_flag(tmp_path, tiny_tokeni
 
 
 def test_reasoning_the_template_drops_is_counted_and_warned_once(tmp_path, tiny_tokenizer_dir, caplog):
-    from megatron_sft.data.tiny_tokenizer import CHATML_TEMPLATE
+    from megatron_sft.testing.tiny_tokenizer import CHATML_TEMPLATE
 
     reasoning = "{% if message.reasoning_content %}<think>\n{{ message.reasoning_content }}\n</think>\n\n{% endif %}"
     template = tmp_path / "no_reasoning.jinja"

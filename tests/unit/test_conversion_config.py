@@ -11,7 +11,7 @@ from megatron_sft.conversion.common import (
     architecture_for,
     supported_model_types,
 )
-from megatron_sft.conversion.tiny_models import FAMILIES, tiny_hf_config
+from megatron_sft.testing.tiny_models import FAMILIES, tiny_hf_config
 
 
 def test_registry_by_model_type_and_by_architectures():

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from megatron_sft.conversion.common import ConversionError, UnsupportedArchitectureError
 from megatron_sft.conversion.convert import hf_to_megatron, megatron_to_hf
 from megatron_sft.conversion.hf_io import ShardedSafetensorsWriter, end_of_turn_token, generation_config
-from megatron_sft.conversion.tiny_models import build_tiny_hf_model
+from megatron_sft.testing.tiny_models import build_tiny_hf_model
 
 REPO = Path(__file__).resolve().parents[2]
 

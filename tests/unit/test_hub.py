@@ -16,7 +16,7 @@ NAME = "tiny-org/tiny-qwen2"
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir):
-    from megatron_sft.conversion.tiny_models import build_tiny_hf_model
+    from megatron_sft.testing.tiny_models import build_tiny_hf_model
 
     out = tmp_path_factory.mktemp("hf") / "tiny-qwen2"
     build_tiny_hf_model("qwen2", str(out), tokenizer_dir=str(tiny_tokenizer_dir))

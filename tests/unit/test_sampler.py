@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from megatron_sft.training.sampler import (SampleStream, epoch_counts, epoch_order, eval_batches,
+from megatron_sft.training.sampler import (SampleStream, epoch_counts, epoch_order,
                                            micro_batches, rank_slice)
 
 
@@ -76,8 +76,3 @@ def test_rank_slices_are_contiguous_and_layout_invariant():
     dp2 = micro_batches(rank_slice(batch, 0, 2), 2) + micro_batches(rank_slice(batch, 1, 2), 2)
     assert dp1 == dp2
 
-
-def test_eval_batches_cover_everything_once():
-    batches = eval_batches(10, 4, None)
-    assert batches == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
-    assert eval_batches(10, 4, 2) == batches[:2]
