@@ -214,7 +214,16 @@ class CheckpointConfig:
     save_on_sigterm: bool = True
     """On SIGTERM (SLURM preemption): finish the current step, save, and exit 0."""
     keep_last: int = 0
-    """Keep only this many most recent checkpoints in ``save``; 0 keeps all."""
+    """Keep only this run's N most recent checkpoints in ``save`` (in the order this run saved
+    them, resubmissions included); 0 keeps all. Never removes another run's checkpoints."""
+    fallback_to_previous: bool = False
+    """When the checkpoint to resume from fails verification (a file missing, truncated or with
+    other bytes than its manifest records): false refuses to start, naming each bad file; true
+    resumes from the newest older checkpoint in ``load`` that verifies (logged as a warning)."""
+    overwrite: bool = False
+    """Let a run write into a ``save`` directory that holds checkpoints of another run (a run that
+    neither is nor was resumed from). Its checkpoints of the same steps are replaced and the pointer
+    moves to this run's; the others are kept, never pruned. False: such a directory is an error."""
 
 
 @dataclass
