@@ -225,6 +225,31 @@ def _prune(root: str, history: List[int], run_id: str, keep_last: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def claim_save_dir(save: Optional[str], resumed: Optional[str], skipped: List[str], overwrite: bool,
+                   step: int) -> Tuple[str, List[int]]:
+    """Collective: (run id, history) of this run, inherited from checkpoint ``resumed`` (None for
+    a fresh start), after checking that ``save`` holds no other run's checkpoints (the ones the
+    fallback ``skipped`` count as this run's): a CheckpointError unless ``overwrite``."""
+    manifest = guard.from_rank0(guard.read_manifest(resumed) if resumed and _rank() == 0 else None) or {}
+    run_id = manifest.get("run_id") or guard.from_rank0(guard.new_run_id())
+    in_save = bool(resumed and save and os.path.abspath(os.path.dirname(resumed)) == os.path.abspath(save))
+    history = list(manifest.get("history") or [step]) if in_save else []
+    error = None
+    if save and _rank() == 0:
+        foreign = [p for p in guard.foreign_checkpoints(save, run_id, adopt_unowned=in_save and not manifest)
+                   if p not in skipped]
+        names = ", ".join(os.path.basename(p) for p in foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+        if foreign and not overwrite:
+            error = (f"checkpoint.save={save} holds {len(foreign)} checkpoint(s) of another run ({names}); this run "
+                     f"would overwrite them and move its pointer. Resume that run with --checkpoint.load={save}, "
+                     "choose a new --checkpoint.save, or set --checkpoint.overwrite=true to write here")
+        elif foreign:
+            logger.warning("checkpoint.overwrite=true: writing into %s, which holds checkpoints of another run (%s); "
+                           "same steps are replaced, the others kept", save, names)
+    guard.raise_if_any(error)
+    return run_id, history
+
+
 # ------------------------------------------------------------------------------ loading
 
 

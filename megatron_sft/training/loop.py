@@ -306,7 +306,8 @@ class Trainer:
                                         "point it at a save directory or an iter_* directory")
         elif c.pretrained:
             self._load_pretrained(c.pretrained)
-        self._own_save_dir(resumed, skipped)
+        self.run_id, self.history = ckpt.claim_save_dir(None if self.eval_only else c.save, resumed, skipped,
+                                                        c.overwrite, self.step)
 
     def _check_load_dir(self) -> None:
         """A ``checkpoint.load`` that does not exist is a typo, unless it is the save directory
@@ -325,30 +326,6 @@ class Trainer:
         compat.check_model_tensors(path, model_sharded_state_dict(self.model), "checkpoint.pretrained")
         load_model_state(self.model, ckpt.load_checkpoint(path, model_sharded_state_dict(self.model)))
         logger.info("loaded pretrained weights from %s", path)
-
-    def _own_save_dir(self, resumed: Optional[str], skipped: List[str]) -> None:
-        """This run's id and history (inherited from the checkpoint it resumed from), and the
-        refusal to write into a save directory holding another run's checkpoints."""
-        c = self.cfg.checkpoint
-        manifest = guard.from_rank0(guard.read_manifest(resumed) if resumed and self.rank == 0 else None) or {}
-        self.run_id = manifest.get("run_id") or guard.from_rank0(guard.new_run_id())
-        in_save = bool(resumed and c.save and os.path.abspath(os.path.dirname(resumed)) == os.path.abspath(c.save))
-        self.history = list(manifest.get("history") or [self.step]) if in_save else []
-        if not c.save or self.eval_only:
-            return
-        error = None
-        if self.rank == 0:
-            foreign = [p for p in guard.foreign_checkpoints(c.save, self.run_id, adopt_unowned=in_save and not manifest)
-                       if p not in skipped]
-            names = ", ".join(os.path.basename(p) for p in foreign[:5]) + (" ..." if len(foreign) > 5 else "")
-            if foreign and not c.overwrite:
-                error = (f"checkpoint.save={c.save} holds {len(foreign)} checkpoint(s) of another run ({names}); this "
-                         f"run would overwrite them and move its pointer. Resume that run with --checkpoint.load="
-                         f"{c.save}, choose a new --checkpoint.save, or set --checkpoint.overwrite=true to write here")
-            elif foreign:
-                logger.warning("checkpoint.overwrite=true: writing into %s, which holds checkpoints of another run "
-                               "(%s); same steps are replaced, the others kept", c.save, names)
-        guard.raise_if_any(error)
 
     def _resume(self, path: str) -> None:
         compat.check_resume_config(path, self.cfg, self.data_meta, eval_only=self.eval_only)
