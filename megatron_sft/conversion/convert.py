@@ -21,6 +21,7 @@ import dataclasses
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
@@ -91,6 +92,7 @@ def hf_to_megatron(hf_dir, out_dir, *, tensor_model_parallel_size: int = 1,
     _check_hf_keys(arch, rules, reader.keys(), hf_dir)
     if not any((hf_dir / n).is_file() for n in hf_io.TOKENIZER_FILES):
         raise ConversionError(f"no tokenizer files in {hf_dir}; the converted model needs its tokenizer")
+    _check_tokenizer_fits(hf_dir, cfg.vocab_size)
 
     cast = DTYPES[dtype] if dtype else None
     tensors: Dict[str, torch.Tensor] = {}
@@ -108,6 +110,22 @@ def hf_to_megatron(hf_dir, out_dir, *, tensor_model_parallel_size: int = 1,
         (tmp / CONFIG_YAML).write_text(config_yaml(cfg, arch, tensor_model_parallel_size,
                                                    pipeline_model_parallel_size, out_dir, layer_layout, source))
     return cfg
+
+
+def _check_tokenizer_fits(hf_dir: Path, vocab_size: int) -> None:
+    """A tokenizer with more tokens than the model has embedding rows produces ids the model
+    cannot embed: an error here, not a crash (or silent garbage) in training."""
+    from transformers import AutoTokenizer
+
+    try:
+        num_tokens = len(AutoTokenizer.from_pretrained(str(hf_dir)))
+    except Exception as err:  # a tokenizer transformers cannot load: its size is checked again at preprocessing
+        warnings.warn(f"cannot load the tokenizer of {hf_dir} to check its size ({type(err).__name__}: {err})")
+        return
+    if num_tokens > vocab_size:
+        raise ConversionError(f"the tokenizer in {hf_dir} has {num_tokens} tokens but the model's vocab_size (embedding "
+                              f"rows) is {vocab_size}: ids >= {vocab_size} cannot be embedded. Convert the model "
+                              "together with the tokenizer it was trained with")
 
 
 def _resolve(name_or_path: str, files: str) -> str:
