@@ -6,6 +6,7 @@ writes ``OUT/``::
     metadata.json, .metadata, *.distcp   dist checkpoint, the model under key "model"
     config.yaml                          ``model:`` section (a ModelConfig): the trainer takes it
                                          from here with ``--checkpoint.pretrained=OUT``
+    manifest.json                        size + crc32 of each file above (verified before loading)
     hf_config.json, hf_generation_config.json   the source model's, used again on export
     tokenizer/                           the source model's tokenizer files, verbatim
 
@@ -109,6 +110,7 @@ def hf_to_megatron(hf_dir, out_dir, *, tensor_model_parallel_size: int = 1,
             _copy_json(hf_dir / "generation_config.json", tmp / HF_GENERATION_CONFIG)
         (tmp / CONFIG_YAML).write_text(config_yaml(cfg, arch, tensor_model_parallel_size,
                                                    pipeline_model_parallel_size, out_dir, layer_layout, source))
+        _write_manifest(tmp)
     return cfg
 
 
@@ -126,6 +128,15 @@ def _check_tokenizer_fits(hf_dir: Path, vocab_size: int) -> None:
         raise ConversionError(f"the tokenizer in {hf_dir} has {num_tokens} tokens but the model's vocab_size (embedding "
                               f"rows) is {vocab_size}: ids >= {vocab_size} cannot be embedded. Convert the model "
                               "together with the tokenizer it was trained with")
+
+
+def _write_manifest(directory: Path) -> None:
+    """The trainer's checksum manifest (``training.checkpoint_guard``) over the top-level files,
+    so ``--checkpoint.pretrained`` verifies a converted model before loading it."""
+    from megatron_sft.training import checkpoint_guard as guard
+
+    names = sorted(p.name for p in directory.iterdir() if p.is_file())
+    guard.write_manifest(str(directory), guard.checksum(str(directory), names), 0, "converted", [])
 
 
 def _resolve(name_or_path: str, files: str) -> str:

@@ -50,6 +50,7 @@ class Trainer:
     def __init__(self, cfg: SFTConfig, *, eval_only: bool = False):
         self.cfg, self.eval_only = cfg, eval_only
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self._lock = self._lock_save_dir()  # first: a directory in use is refused before any work
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
@@ -67,7 +68,6 @@ class Trainer:
         self.stream = SampleStream([len(d) for d in self.train_sets], cfg.data.train_weights, cfg.data.seed) \
             if self.train_sets else None
         self.step, self.skipped_in_row, self._stop, self._saved_step = 0, 0, False, None
-        self._lock = self._lock_save_dir()  # before the metrics writer touches the directory
         log_dir = cfg.logging.dir or cfg.checkpoint.save
         self.metrics = MetricsWriter(log_dir, rank=self.rank, tensorboard=cfg.logging.tensorboard,
                                      wandb_project=cfg.logging.wandb_project, wandb_config=config_to_dict(cfg))

@@ -79,11 +79,13 @@ def data_differences(saved_meta: dict, current_meta: dict) -> Tuple[List[str], L
 
 
 def check_resume_config(path: str, cfg: SFTConfig, data_meta: dict, *, eval_only: bool) -> None:
-    """Rank-local (reads two small files): raise CheckpointError listing every model difference
+    """Every rank (reads two small files, logs on rank 0): raise CheckpointError listing every model difference
     between checkpoint ``path``'s saved config and ``cfg``; log the allowed changes."""
     config_file = os.path.join(path, "config.yaml")
+    rank0 = guard._rank() == 0
     if not os.path.isfile(config_file):
-        logger.warning("%s has no config.yaml: cannot compare its settings with this run's", path)
+        if rank0:
+            logger.warning("%s has no config.yaml: cannot compare its settings with this run's", path)
         return
     with open(config_file) as f:
         saved = yaml.safe_load(f) or {}
@@ -102,9 +104,9 @@ def check_resume_config(path: str, cfg: SFTConfig, data_meta: dict, *, eval_only
             f"cannot resume from {path}: the model or tokenizer differs from the one it was trained with:\n  - {lines}\n"
             f"Resume with the checkpoint's values (its config is {config_file}), or start a new run from its weights "
             "with --checkpoint.pretrained (model fields must still match) and a new checkpoint.save")
-    if changes:
+    if changes and rank0:
         logger.info("resuming %s with changed settings (allowed):\n  - %s", path, "\n  - ".join(changes))
-    if kept and not eval_only:
+    if kept and not eval_only and rank0:
         logger.warning("resuming %s: the learning-rate schedule continues as saved, so these changes have no "
                        "effect:\n  - %s", path, "\n  - ".join(kept))
 
