@@ -11,8 +11,8 @@ Layout under ``SAVE``::
     SAVE/latest_checkpointed_iteration.txt   "100", replaced last
 
 Atomicity: every rank writes into ``SAVE/iter_0000100.incomplete``; after a barrier rank 0 adds
-the common files and the manifest, renames the directory to its final name and only then replaces the pointer file
-(write to a temp file + ``os.replace``). A crash at any point leaves the pointer on the previous
+the common files and the manifest, renames the directory to its final name and only then
+replaces the pointer file (write to a temp file + ``os.replace``). A crash at any point leaves the pointer on the previous
 complete checkpoint; stale ``.incomplete`` directories are ignored and removed by the next save
 (the save directory's lock guarantees that no other run is writing them).
 
@@ -191,9 +191,15 @@ def _finish(root: str, iteration: int, tmp: str, files: Dict[str, str], entries:
     entries.update(guard.checksum(tmp, guard.shared_files(tmp)))
     guard.write_manifest(tmp, entries, iteration, run_id, history)
     final = iteration_dir(root, iteration)
+    replaced = final + REPLACED_SUFFIX
     if os.path.exists(final):  # re-saving a step (e.g. SIGTERM right after a periodic save)
-        os.rename(final, final + REPLACED_SUFFIX)
-    os.rename(tmp, final)
+        os.rename(final, replaced)
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if os.path.exists(replaced):
+            os.rename(replaced, final)  # the pointer may name it: put it back
+        raise
     _write_pointer(root, iteration)
     _prune(root, history, run_id, keep_last)
 
