@@ -200,8 +200,10 @@ class CheckpointConfig:
     save: Optional[str] = None
     """Directory of checkpoints (SAVE/iter_0000100/, SAVE/latest_checkpointed_iteration.txt)."""
     load: Optional[str] = None
-    """Resume from the latest checkpoint in this directory (model, optimizer, schedule, data
-    position, RNG). Where it holds none yet, training starts from ``pretrained`` or from scratch."""
+    """Resume from the latest checkpoint in this directory, or from this one ``iter_*`` directory
+    (model, optimizer, schedule, data position, RNG), verified first. Where it holds none yet,
+    training starts from ``pretrained`` or from scratch; a path that does not exist is an error
+    unless it is ``save`` (one command that starts a run and resumes it)."""
     pretrained: Optional[str] = None
     """Checkpoint directory to take the model from: a converted HF model
     (``tools/convert_hf_to_megatron.py`` output), a trainer save dir (its latest iteration) or one

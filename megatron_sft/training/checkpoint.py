@@ -261,8 +261,11 @@ def claim_save_dir(save: Optional[str], resumed: Optional[str], skipped: List[st
 
 def _candidates(root: str) -> List[str]:
     """Checkpoint dirs of save dir ``root`` to resume from, best first: the pointer's, then older
-    ones newest first. Without a pointer (deleted), every ``iter_*`` newest first, with a warning."""
+    ones newest first. Without a pointer (deleted), every ``iter_*`` newest first, with a warning.
+    ``root`` itself when it is one checkpoint (an ``iter_*`` dir)."""
     found = guard.iterations(root)
+    if not found and any(os.path.isfile(os.path.join(root, n)) for n in ("metadata.json", guard.MANIFEST)):
+        return [root]
     pointer = os.path.join(root, LATEST_FILE)
     if os.path.exists(pointer):
         text = open(pointer).read().strip()

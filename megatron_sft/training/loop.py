@@ -303,7 +303,7 @@ class Trainer:
             self._resume(resumed)
         elif self.eval_only and c.load:
             raise guard.CheckpointError(f"--eval-only: checkpoint.load={c.load} holds no checkpoint to evaluate: "
-                                        "point it at a save directory or an iter_* directory")
+                                        "point it at a save directory or one iter_* directory")
         elif c.pretrained:
             self._load_pretrained(c.pretrained)
         self.run_id, self.history = ckpt.claim_save_dir(None if self.eval_only else c.save, resumed, skipped,

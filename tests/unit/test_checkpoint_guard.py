@@ -137,3 +137,17 @@ def test_config_differences_separate_model_errors_from_allowed_changes():
                        "training.global_batch_size: checkpoint 4, this run 8",
                        "training.train_steps: checkpoint 10, this run 20"]
     assert kept == ["training.lr: checkpoint 0.001, this run 0.0005"]
+
+
+def test_resume_candidates_pointer_first_then_older_or_one_iter_dir(tmp_path):
+    from megatron_sft.training import checkpoint as ckpt
+
+    for iteration in (2, 4, 6):
+        fake_checkpoint(tmp_path, iteration, "me", [iteration])
+    (tmp_path / ckpt.LATEST_FILE).write_text("4\n")
+    assert ckpt._candidates(str(tmp_path)) == [str(tmp_path / "iter_0000004"), str(tmp_path / "iter_0000002")]
+    (tmp_path / ckpt.LATEST_FILE).unlink()  # deleted pointer: newest first
+    assert ckpt._candidates(str(tmp_path))[0] == str(tmp_path / "iter_0000006")
+    one = str(tmp_path / "iter_0000002")  # one iter_* dir given as checkpoint.load
+    assert ckpt._candidates(one) == [one]
+    assert ckpt._candidates(str(tmp_path / "empty")) == []
