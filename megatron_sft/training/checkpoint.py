@@ -231,15 +231,18 @@ def _prune(root: str, history: List[int], run_id: str, keep_last: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def claim_save_dir(save: Optional[str], resumed: Optional[str], skipped: List[str], overwrite: bool,
-                   step: int) -> Tuple[str, List[int]]:
+def claim_save_dir(save: Optional[str], resumed: Optional[str], skipped: List[str],
+                   overwrite: bool) -> Tuple[str, List[int]]:
     """Collective: (run id, history) of this run, inherited from checkpoint ``resumed`` (None for
     a fresh start), after checking that ``save`` holds no other run's checkpoints (the ones the
     fallback ``skipped`` count as this run's): a CheckpointError unless ``overwrite``."""
     manifest = guard.from_rank0(guard.read_manifest(resumed) if resumed and _rank() == 0 else None) or {}
     run_id = manifest.get("run_id") or guard.from_rank0(guard.new_run_id())
     in_save = bool(resumed and save and os.path.abspath(os.path.dirname(resumed)) == os.path.abspath(save))
-    history = list(manifest.get("history") or [step]) if in_save else []
+    history: List[int] = []
+    if in_save:  # a checkpoint saved before manifests existed: its own step starts the history
+        match = guard.ITER_RE.fullmatch(os.path.basename(resumed))
+        history = list(manifest.get("history") or ([int(match.group(1))] if match else []))
     error = None
     if save and _rank() == 0:
         foreign = [p for p in guard.foreign_checkpoints(save, run_id, adopt_unowned=in_save and not manifest)

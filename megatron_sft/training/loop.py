@@ -299,15 +299,16 @@ class Trainer:
         resumed, skipped = None, []
         if c.load and os.path.isdir(c.load):
             resumed, skipped = ckpt.resolve_resume(c.load, c.fallback_to_previous)
-        if resumed is not None:
-            self._resume(resumed)
-        elif self.eval_only and c.load:
+        if resumed is None and self.eval_only and c.load:
             raise guard.CheckpointError(f"--eval-only: checkpoint.load={c.load} holds no checkpoint to evaluate: "
                                         "point it at a save directory or one iter_* directory")
+        # before any weight is read: a save directory of another run is refused at once
+        self.run_id, self.history = ckpt.claim_save_dir(None if self.eval_only else c.save, resumed, skipped,
+                                                        c.overwrite)
+        if resumed is not None:
+            self._resume(resumed)
         elif c.pretrained:
             self._load_pretrained(c.pretrained)
-        self.run_id, self.history = ckpt.claim_save_dir(None if self.eval_only else c.save, resumed, skipped,
-                                                        c.overwrite, self.step)
 
     def _check_load_dir(self) -> None:
         """A ``checkpoint.load`` that does not exist is a typo, unless it is the save directory
