@@ -245,8 +245,9 @@ def claim_save_dir(save: Optional[str], resumed: Optional[str], skipped: List[st
         history = list(manifest.get("history") or ([int(match.group(1))] if match else []))
     error = None
     if save and _rank() == 0:
+        skipped_abs = {os.path.abspath(p) for p in skipped}
         foreign = [p for p in guard.foreign_checkpoints(save, run_id, adopt_unowned=in_save and not manifest)
-                   if p not in skipped]
+                   if os.path.abspath(p) not in skipped_abs]
         names = ", ".join(os.path.basename(p) for p in foreign[:5]) + (" ..." if len(foreign) > 5 else "")
         if foreign and not overwrite:
             error = (f"checkpoint.save={save} holds {len(foreign)} checkpoint(s) of another run ({names}); this run "
