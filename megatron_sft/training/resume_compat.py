@@ -15,6 +15,7 @@ is never loaded into a 151,680-row model, nor a 4-layer checkpoint into 2 layers
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Dict, List, Tuple
@@ -40,7 +41,13 @@ def _flatten(config: dict) -> Dict[str, object]:
             for key, value in fields.items()}
 
 
-_UNSET = "unset"
+_UNSET = object()
+IGNORED_SECTIONS = ("checkpoint", "logging")
+"""Where a run reads and writes: different on every resume by design, not worth a line."""
+
+
+def _show(value) -> str:
+    return "unset" if value is _UNSET else json.dumps(value)
 
 
 def config_differences(saved: dict, current: dict) -> Tuple[List[str], List[str], List[str]]:
@@ -50,10 +57,10 @@ def config_differences(saved: dict, current: dict) -> Tuple[List[str], List[str]
     errors, changes, kept = [], [], []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key, _UNSET), new.get(key, _UNSET)
-        if a == b:
-            continue
-        line = f"{key}: checkpoint {a!r}, this run {b!r}"
         section, _, name = key.partition(".")
+        if a == b or section in IGNORED_SECTIONS:
+            continue
+        line = f"{key}: checkpoint {_show(a)}, this run {_show(b)}"
         free = name in FREE_MODEL_KEYS
         if section == "model" and not free:
             errors.append(line)
@@ -92,8 +99,6 @@ def check_resume_config(path: str, cfg: SFTConfig, data_meta: dict, *, eval_only
     errors, changes, kept = config_differences(saved, config_to_dict(cfg))
     meta_file = os.path.join(path, "data_meta.json")
     if not eval_only and os.path.isfile(meta_file):
-        import json
-
         with open(meta_file) as f:
             data_errors, notes = data_differences(json.load(f), data_meta)
         errors += data_errors
@@ -104,7 +109,7 @@ def check_resume_config(path: str, cfg: SFTConfig, data_meta: dict, *, eval_only
             f"cannot resume from {path}: the model or tokenizer differs from the one it was trained with:\n  - {lines}\n"
             f"Resume with the checkpoint's values (its config is {config_file}), or start a new run from its weights "
             "with --checkpoint.pretrained (model fields must still match) and a new checkpoint.save")
-    if changes and rank0:
+    if changes and rank0 and not eval_only:
         logger.info("resuming %s with changed settings (allowed):\n  - %s", path, "\n  - ".join(changes))
     if kept and not eval_only and rank0:
         logger.warning("resuming %s: the learning-rate schedule continues as saved, so these changes have no "
