@@ -1,6 +1,6 @@
 """Checkpoint faults end to end (pretrain_sft.py in subprocesses): corrupted, truncated and missing
 files, config drift on resume, a pretrained model of another shape, a deleted pointer, a save
-directory of another run, a locked directory, a mistyped --eval-only load and a read-only save
+directory of another run, a directory in use by a running trainer, a mistyped --eval-only load and a read-only save
 directory. Each case asserts the message (naming the file and the fix), the exit code, no
 traceback, and that every valid checkpoint is still there.
 
@@ -9,15 +9,18 @@ every case works on its own copy."""
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.integration.trainer_helpers import conversations, metrics, run, train_records, write_config, write_packed
+from tests.integration.trainer_helpers import (REPO, conversations, free_port, metrics, run, train_records,
+                                               write_config, write_packed)
 
 pytestmark = pytest.mark.slow
 POINTER = "latest_checkpointed_iteration.txt"
@@ -147,14 +150,28 @@ def test_fresh_run_refuses_a_directory_of_another_run_unless_told(trained, save)
     assert before["iter_0000004/__0_0.distcp"] == (save / "iter_0000004" / "__0_0.distcp").read_bytes()  # kept
 
 
-def test_a_locked_save_directory_is_refused(trained, save):
+def test_a_second_run_on_a_save_directory_in_use_is_refused(trained, save):
+    """Run A trains on SAVE; run B (the same command) stops at start-up naming A's pid; A, told
+    to stop, saves normally and its metrics hold no record of B."""
     _, config = trained
-    before = snapshot(save)
-    with open(save / ".lock", "a+") as held:  # what a running trainer holds
-        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), MASTER_PORT=str(free_port()))
+    first = subprocess.Popen([sys.executable, str(REPO / "pretrain_sft.py"), "--config", config,
+                              f"--checkpoint.load={save}", f"--checkpoint.save={save}", "--training.train_steps=100000"],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and first.poll() is None and \
+                (save / "metrics.jsonl").read_text().count("\n") < 5:
+            time.sleep(0.2)  # the copied metrics hold steps 1-4: wait for step 5
         stderr = fails(*resume(config, save, "--training.train_steps=6"))
-    assert f"checkpoint.save={save} is in use by another run" in stderr
-    assert snapshot(save) == before
+        assert f"checkpoint.save={save} is in use by another run (host " in stderr and f"pid {first.pid} " in stderr
+    finally:
+        first.send_signal(signal.SIGTERM)
+        _, first_stderr = first.communicate(timeout=120)
+    assert first.returncode == 0, first_stderr[-3000:]
+    last = train_records(save)[-1]["step"]
+    assert (save / POINTER).read_text().strip() == str(last) and last >= 5
+    assert [r["step"] for r in train_records(save)] == list(range(1, last + 1))
 
 
 def test_eval_only_with_a_mistyped_load(trained, save, tmp_path):
