@@ -250,8 +250,15 @@ def _origin_dirs(ckpt: Path) -> List[Path]:
 
 def megatron_to_hf(megatron_dir, out_dir, *, tokenizer: Optional[str] = None, dtype: Optional[str] = None,
                    max_shard_bytes: int = 5 * 1024**3, progress: bool = True) -> Path:
-    """Export a Megatron checkpoint to an HF model directory ``out_dir``; returns it."""
+    """Export a Megatron checkpoint to an HF model directory ``out_dir``; returns it. A
+    checkpoint whose files differ from its manifest is an error (nothing is written)."""
+    from megatron_sft.training import checkpoint_guard as guard
+
     ckpt = resolve_checkpoint(Path(megatron_dir))
+    problems = guard.verify(str(ckpt))
+    if problems:
+        raise ConversionError(f"cannot read checkpoint {ckpt}: it fails verification ({'; '.join(problems[:5])}); "
+                              "restore the file(s) from a copy or export another checkpoint")
     out_dir = Path(out_dir)
     cfg = model_config_from_yaml(_find_file(CONFIG_YAML, [ckpt, ckpt.parent]) or ckpt / CONFIG_YAML)
     origin = _origin_dirs(ckpt)
