@@ -216,8 +216,10 @@ class CheckpointConfig:
     save: Optional[str] = None
     """Directory of checkpoints (SAVE/iter_0000100/, SAVE/latest_checkpointed_iteration.txt)."""
     load: Optional[str] = None
-    """Resume from the latest checkpoint in this directory (model, optimizer, schedule, data
-    position, RNG). Where it holds none yet, training starts from ``pretrained`` or from scratch."""
+    """Resume from the latest checkpoint in this directory, or from this one ``iter_*`` directory
+    (model, optimizer, schedule, data position, RNG), verified first. Where it holds none yet,
+    training starts from ``pretrained`` or from scratch; a path that does not exist is an error
+    unless it is ``save`` (one command that starts a run and resumes it)."""
     pretrained: Optional[str] = None
     """Checkpoint directory to take the model from: a converted HF model
     (``tools/convert_hf_to_megatron.py`` output), a trainer save dir (its latest iteration) or one
@@ -230,7 +232,16 @@ class CheckpointConfig:
     save_on_sigterm: bool = True
     """On SIGTERM (SLURM preemption): finish the current step, save, and exit 0."""
     keep_last: int = 0
-    """Keep only this many most recent checkpoints in ``save``; 0 keeps all."""
+    """Keep only this run's N most recent checkpoints in ``save`` (in the order this run saved
+    them, resubmissions included); 0 keeps all. Never removes another run's checkpoints."""
+    fallback_to_previous: bool = False
+    """When the checkpoint to resume from fails verification (a file missing, truncated or with
+    other bytes than its manifest records): false refuses to start, naming each bad file; true
+    resumes from the newest older checkpoint in ``load`` that verifies (logged as a warning)."""
+    overwrite: bool = False
+    """Let a run write into a ``save`` directory that holds checkpoints of another run (a run that
+    neither is nor was resumed from). Its checkpoints of the same steps are replaced and the pointer
+    moves to this run's; the others are kept, never pruned. False: such a directory is an error."""
 
 
 @dataclass

@@ -6,6 +6,7 @@ writes ``OUT/``::
     metadata.json, .metadata, *.distcp   dist checkpoint, the model under key "model"
     config.yaml                          ``model:`` section (a ModelConfig): the trainer takes it
                                          from here with ``--checkpoint.pretrained=OUT``
+    manifest.json                        size + crc32 of each file above (verified before loading)
     hf_config.json, hf_generation_config.json   the source model's, used again on export
     tokenizer/                           the source model's tokenizer files, verbatim
 
@@ -21,6 +22,7 @@ import dataclasses
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
@@ -78,6 +80,7 @@ def hf_to_megatron(hf_dir, out_dir, *, tensor_model_parallel_size: int = 1,
     _check_hf_keys(arch, rules, reader.keys(), hf_dir)
     if not any((hf_dir / n).is_file() for n in hf_io.TOKENIZER_FILES):
         raise ConversionError(f"no tokenizer files in {hf_dir}; the converted model needs its tokenizer")
+    _check_tokenizer_fits(hf_dir, cfg.vocab_size)
 
     cast = DTYPES[dtype] if dtype else None
     tensors: Dict[str, torch.Tensor] = {}
@@ -94,7 +97,33 @@ def hf_to_megatron(hf_dir, out_dir, *, tensor_model_parallel_size: int = 1,
             _copy_json(hf_dir / "generation_config.json", tmp / HF_GENERATION_CONFIG)
         (tmp / CONFIG_YAML).write_text(config_yaml(cfg, arch, tensor_model_parallel_size,
                                                    pipeline_model_parallel_size, out_dir, layer_layout, source))
+        _write_manifest(tmp)
     return cfg
+
+
+def _check_tokenizer_fits(hf_dir: Path, vocab_size: int) -> None:
+    """A tokenizer with more tokens than the model has embedding rows produces ids the model
+    cannot embed: an error here, not a crash (or silent garbage) in training."""
+    from transformers import AutoTokenizer
+
+    try:
+        num_tokens = len(AutoTokenizer.from_pretrained(str(hf_dir)))
+    except Exception as err:  # a tokenizer transformers cannot load: its size is checked again at preprocessing
+        warnings.warn(f"cannot load the tokenizer of {hf_dir} to check its size ({type(err).__name__}: {err})")
+        return
+    if num_tokens > vocab_size:
+        raise ConversionError(f"the tokenizer in {hf_dir} has {num_tokens} tokens but the model's vocab_size (embedding "
+                              f"rows) is {vocab_size}: ids >= {vocab_size} cannot be embedded. Convert the model "
+                              "together with the tokenizer it was trained with")
+
+
+def _write_manifest(directory: Path) -> None:
+    """The trainer's checksum manifest (``training.checkpoint_guard``) over the top-level files,
+    so ``--checkpoint.pretrained`` verifies a converted model before loading it."""
+    from megatron_sft.training import checkpoint_guard as guard
+
+    names = sorted(p.name for p in directory.iterdir() if p.is_file())
+    guard.write_manifest(str(directory), guard.checksum(str(directory), names), 0, "converted", [])
 
 
 def _resolve(name_or_path: str, files: str) -> str:
@@ -208,8 +237,15 @@ def _origin_dirs(ckpt: Path) -> List[Path]:
 
 def megatron_to_hf(megatron_dir, out_dir, *, tokenizer: Optional[str] = None, dtype: Optional[str] = None,
                    max_shard_bytes: int = 5 * 1024**3, progress: bool = True) -> Path:
-    """Export a Megatron checkpoint to an HF model directory ``out_dir``; returns it."""
+    """Export a Megatron checkpoint to an HF model directory ``out_dir``; returns it. A
+    checkpoint whose files differ from its manifest is an error (nothing is written)."""
+    from megatron_sft.training import checkpoint_guard as guard
+
     ckpt = resolve_checkpoint(Path(megatron_dir))
+    problems = guard.verify(str(ckpt))
+    if problems:
+        raise ConversionError(f"cannot read checkpoint {ckpt}: it fails verification ({'; '.join(problems[:5])}); "
+                              "restore the file(s) from a copy or export another checkpoint")
     out_dir = Path(out_dir)
     cfg = model_config_from_yaml(_find_file(CONFIG_YAML, [ckpt, ckpt.parent]) or ckpt / CONFIG_YAML)
     origin = _origin_dirs(ckpt)

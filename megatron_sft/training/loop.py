@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import signal
 import time
 from typing import List, Optional
@@ -25,6 +26,8 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_sft.config import SFTConfig, as_list, config_to_dict, config_to_yaml
 from megatron_sft.model.lm_head import SupervisedTargets, supervised_head_loss
 from megatron_sft.training import checkpoint as ckpt
+from megatron_sft.training import checkpoint_guard as guard
+from megatron_sft.training import resume_compat as compat
 from megatron_sft.training.flops import causal_pairs, peak_tflops, step_flops
 from megatron_sft.training.inputs import (BatchBuilder, check_tokenizers, describe_pack, eval_micro_batches,
                                           fixed_micro_batch_length, open_datasets, source_names, source_offsets,
@@ -58,6 +61,7 @@ class Trainer:
     def __init__(self, cfg: SFTConfig, *, eval_only: bool = False):
         self.cfg, self.eval_only = cfg, eval_only
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self._lock = self._lock_save_dir()  # first: a directory in use is refused before any work
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
@@ -282,24 +286,64 @@ class Trainer:
     def save(self) -> str:
         files = {"config.yaml": config_to_yaml(self.cfg), "data_meta.json": json.dumps(self.data_meta, indent=2)}
         path = ckpt.save_checkpoint(self.cfg.checkpoint.save, self.step, self._state(loading=False), files,
-                                    self.cfg.checkpoint.keep_last)
+                                    run_id=self.run_id, history=self.history, keep_last=self.cfg.checkpoint.keep_last)
+        self.history = [i for i in self.history if i != self.step] + [self.step]
         self._saved_step = self.step
         logger.info("saved checkpoint %s", path)
         return path
 
+    def _lock_save_dir(self) -> Optional[guard.SaveDirLock]:
+        """Rank 0 locks ``checkpoint.save`` for the run (an error on every rank if another run holds it)."""
+        if not self.cfg.checkpoint.save or self.eval_only:
+            return None
+        lock, error = guard.SaveDirLock(self.cfg.checkpoint.save), None
+        if self.rank == 0:
+            try:
+                lock.acquire()
+            except guard.CheckpointError as err:
+                error = str(err)
+        guard.raise_if_any(error)
+        return lock
+
     def _restore(self) -> None:
         c = self.cfg.checkpoint
-        resume = ckpt.latest_iteration(c.load)
-        if resume is not None:
-            self._resume(ckpt.iteration_dir(c.load, resume))
+        self._check_load_dir()
+        resumed, skipped = None, []
+        if c.load and os.path.isdir(c.load):
+            resumed, skipped = ckpt.resolve_resume(c.load, c.fallback_to_previous)
+        if resumed is None and self.eval_only and c.load:
+            raise guard.CheckpointError(f"--eval-only: checkpoint.load={c.load} holds no checkpoint to evaluate: "
+                                        "point it at a save directory or one iter_* directory")
+        # before any weight is read: a save directory of another run is refused at once
+        self.run_id, self.history = ckpt.claim_save_dir(None if self.eval_only else c.save, resumed, skipped,
+                                                        c.overwrite)
+        if resumed is not None:
+            self._resume(resumed)
         elif c.pretrained:
-            path = ckpt.checkpoint_path(c.pretrained)
-            loaded = ckpt.load_checkpoint(path, model_sharded_state_dict(self.model))
-            load_model_state(self.model, loaded)
-            logger.info("loaded pretrained weights from %s", path)
+            self._load_pretrained(c.pretrained)
+
+    def _check_load_dir(self) -> None:
+        """A ``checkpoint.load`` that does not exist is a typo, unless it is the save directory
+        (one command that starts a run and resumes it)."""
+        c = self.cfg.checkpoint
+        if not c.load or os.path.isdir(c.load):
+            return
+        if self.eval_only or not c.save or os.path.abspath(c.load) != os.path.abspath(c.save):
+            raise guard.CheckpointError(f"checkpoint.load={c.load} does not exist: fix the path, or unset "
+                                        "checkpoint.load (set it equal to checkpoint.save to start a run that "
+                                        "resumes itself)")
+
+    def _load_pretrained(self, directory: str) -> None:
+        path = ckpt.checkpoint_path(directory)
+        ckpt.verify_or_raise(path)
+        compat.check_model_tensors(path, model_sharded_state_dict(self.model), "checkpoint.pretrained")
+        load_model_state(self.model, ckpt.load_checkpoint(path, model_sharded_state_dict(self.model)))
+        logger.info("loaded pretrained weights from %s", path)
 
     def _resume(self, path: str) -> None:
-        common = dist_checkpointing.load_common_state_dict(path)
+        compat.check_resume_config(path, self.cfg, self.data_meta, eval_only=self.eval_only)
+        compat.check_model_tensors(path, model_sharded_state_dict(self.model), "checkpoint.load")
+        common = ckpt.load_common(path)
         saved = common.get("trainer") or {}
         same_layout = saved.get("world_size") == self.world_size
         if self.eval_only:  # weights only
@@ -342,3 +386,5 @@ class Trainer:
 
     def close(self) -> None:
         self.metrics.close()
+        if self._lock is not None:
+            self._lock.release()

@@ -110,8 +110,8 @@ def test_save_failure_keeps_the_pointer(tmp_path, monkeypatch):
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(ckpt.dist_checkpointing, "save", crash)
-    with pytest.raises(RuntimeError, match="disk full"):
-        ckpt.save_checkpoint(str(tmp_path), 2, {}, {"config.yaml": "x"})
+    with pytest.raises(ValueError, match="cannot save checkpoint .*iter_0000002: RuntimeError: disk full"):
+        ckpt.save_checkpoint(str(tmp_path), 2, {}, {"config.yaml": "x"}, run_id="r", history=[1])
     assert ckpt.latest_iteration(str(tmp_path)) == 1
     assert not (tmp_path / "iter_0000002").exists()
 

@@ -119,6 +119,14 @@ def test_no_tokenizer_and_bad_layout_and_nonempty_out(tiny_llama, tmp_path):
         hf_to_megatron(tiny_llama, tmp_path / "busy")
 
 
+def test_tokenizer_larger_than_the_vocabulary(tmp_path, tiny_tokenizer_dir):
+    hf = tmp_path / "small_vocab"
+    build_tiny_hf_model("llama", str(hf), tokenizer_dir=str(tiny_tokenizer_dir), vocab_size=256)
+    with pytest.raises(ConversionError, match=r"has \d+ tokens but the model's vocab_size \(embedding rows\) is 256"):
+        hf_to_megatron(hf, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_export_errors(tmp_path):
     with pytest.raises(ConversionError, match="does not exist"):
         megatron_to_hf(tmp_path / "nope", tmp_path / "out")
