@@ -23,7 +23,6 @@ state is keyed by the same parameters (distributed optimizer: ``fully_reshardabl
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -91,11 +90,9 @@ def rng_state_sharded(rank: int, world_size: int) -> ShardedObject:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
-    try:
-        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
-        state["tracker"] = get_cuda_rng_tracker().get_states()
-    except Exception:  # tracker not initialised (tests without Megatron's RNG)
-        pass
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    state["tracker"] = get_cuda_rng_tracker().get_states()  # set up by runtime.setup_model_parallel
     return ShardedObject("rng_state", state, (world_size,), (rank,), replica_id=0)
 
 
@@ -347,8 +344,3 @@ def load_common(directory: str) -> dict:
             raise
         raise guard.CheckpointError(f"cannot read the common state of checkpoint {directory}: "
                                     f"{_describe(err, directory)}") from err
-
-
-def read_common_json(directory: str, name: str) -> Optional[dict]:
-    path = os.path.join(directory, name)
-    return json.load(open(path)) if os.path.exists(path) else None
