@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
+from megatron_sft.errors import SFTError  # noqa: E402
 from megatron_sft.launch import slurm_to_torch_env  # noqa: E402
 from megatron_sft.config import (ConfigError, config_help, config_to_yaml, ineffective_settings,  # noqa: E402
                                  load_config)
@@ -53,7 +54,7 @@ def main(argv=None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         slurm_to_torch_env()  # srun-launched ranks (tools/launch/slurm_sft.sbatch); torchrun sets its own
-    except ValueError as err:
+    except SFTError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -67,8 +68,7 @@ def main(argv=None) -> int:
         return 2
 
     from megatron_sft.model.runtime import initialize_distributed, setup_model_parallel, teardown_model_parallel
-    from megatron_sft.training.inputs import DataError
-    from megatron_sft.training.loop import Trainer, TrainingError
+    from megatron_sft.training.loop import Trainer
     from megatron_sft.training.metrics import setup_logging
 
     initialize_distributed()
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
         else:
             trainer.train()
         return 0
-    except (DataError, TrainingError, FileNotFoundError, ValueError) as err:
+    except SFTError as err:  # a user's problem, said with its fix; anything else is a bug: traceback
         print(f"error: {err}", file=sys.stderr)  # every rank: the failing one may not be rank 0
         return 1
     finally:

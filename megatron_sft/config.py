@@ -20,6 +20,7 @@ from typing import Dict, List, Literal, Optional, Sequence, Tuple, Union
 
 import yaml
 
+from megatron_sft.errors import InputError, SFTError
 from megatron_sft.data.labels import LossMode
 
 
@@ -285,7 +286,7 @@ class SFTConfig:
 # --------------------------------------------------------------------------------------------
 
 
-class ConfigError(ValueError):
+class ConfigError(SFTError, ValueError):
     """Invalid user configuration; ``issues`` lists every problem found, each with its fix."""
 
     def __init__(self, issues: List[str]):
@@ -703,11 +704,11 @@ def resolve_attention_backend(name: str, *, has_cuda: bool, has_te: bool) -> str
     ``torch``. The one rule: the config checks and the model spec (``model.spec``) ask it.
     Raises ValueError with the fix for an unknown name or ``te`` where it cannot run."""
     if name not in ATTENTION_BACKENDS:
-        raise ValueError(f"model.attention_backend={name!r}: use one of {', '.join(ATTENTION_BACKENDS)}")
+        raise InputError(f"model.attention_backend={name!r}: use one of {', '.join(ATTENTION_BACKENDS)}")
     available = has_cuda and has_te
     if name == "te" and not available:
         missing = "no GPU here" if not has_cuda else "transformer_engine does not import"
-        raise ValueError(f"model.attention_backend='te' needs a GPU and Transformer Engine ({missing}): install "
+        raise InputError(f"model.attention_backend='te' needs a GPU and Transformer Engine ({missing}): install "
                          "the te extra on a GPU machine or use --model.attention_backend=torch")
     return "te" if name != "torch" and available else "torch"
 

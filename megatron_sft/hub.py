@@ -18,6 +18,8 @@ import glob
 import os
 from typing import Literal
 
+from megatron_sft.errors import SFTError
+
 # What each caller needs from a repository: config, weights and tokenizer for a conversion; the
 # tokenizer files (any family: tokenizer.json, vocab/merges, sentencepiece, tiktoken) and the
 # chat template for a tokenizer.
@@ -25,7 +27,7 @@ _TOKENIZER_PATTERNS = ["*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
 PATTERNS = {"tokenizer": _TOKENIZER_PATTERNS, "model": _TOKENIZER_PATTERNS + ["*.safetensors"]}
 
 
-class HubError(ValueError):
+class HubError(SFTError, ValueError):
     """A name that is neither a local folder nor a usable hub model (message says the fix)."""
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 from typing import MutableMapping, Optional
 
+from megatron_sft.errors import InputError
+
 
 def slurm_to_torch_env(environ: Optional[MutableMapping[str, str]] = None) -> bool:
     """Fill RANK, WORLD_SIZE and LOCAL_RANK from an srun job step's ``SLURM_PROCID``,
@@ -23,10 +25,10 @@ def slurm_to_torch_env(environ: Optional[MutableMapping[str, str]] = None) -> bo
         return False
     missing = [name for name in ("SLURM_PROCID", "SLURM_LOCALID") if name not in env]
     if missing:
-        raise ValueError(f"srun job step without {', '.join(missing)}: launch with srun or torchrun")
+        raise InputError(f"srun job step without {', '.join(missing)}: launch with srun or torchrun")
     world = int(env["SLURM_STEP_NUM_TASKS"])
     if world > 1 and "MASTER_ADDR" not in env:
-        raise ValueError("srun with several tasks needs MASTER_ADDR (and MASTER_PORT) exported: the first host "
+        raise InputError("srun with several tasks needs MASTER_ADDR (and MASTER_PORT) exported: the first host "
                          "of the job, e.g. export MASTER_ADDR=$(scontrol show hostnames $SLURM_JOB_NODELIST | "
                          "head -n1); tools/launch/slurm_sft.sbatch does this")
     env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"] = env["SLURM_PROCID"], str(world), env["SLURM_LOCALID"]

@@ -20,7 +20,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_sft.conversion.common import ConversionError  # noqa: E402
+from megatron_sft.errors import SFTError  # noqa: E402
 from megatron_sft.conversion.convert import DTYPES, hf_to_megatron  # noqa: E402
 from megatron_sft.conversion.dist_io import LAYER_LAYOUTS  # noqa: E402
 
@@ -43,7 +43,7 @@ def main(argv=None) -> int:
         cfg = hf_to_megatron(args.hf, args.out, tensor_model_parallel_size=args.tp,
                              pipeline_model_parallel_size=args.pp, dtype=args.dtype,
                              layer_layout=args.layer_layout, progress=not args.no_progress)
-    except ConversionError as err:
+    except SFTError as err:  # conversion, hub name, checkpoint verification
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {args.out}: {cfg.num_layers} layers, hidden {cfg.hidden_size}; "

@@ -15,7 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_sft.conversion.common import ConversionError  # noqa: E402
+from megatron_sft.errors import SFTError  # noqa: E402
 from megatron_sft.conversion.convert import DTYPES, megatron_to_hf  # noqa: E402
 
 
@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     try:
         out = megatron_to_hf(args.megatron, args.out, tokenizer=args.tokenizer, dtype=args.dtype,
                              max_shard_bytes=int(args.max_shard_gb * 1024**3), progress=not args.no_progress)
-    except ConversionError as err:
+    except SFTError as err:  # conversion, hub name, checkpoint verification
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {out}")

@@ -22,6 +22,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_sft.data.reports import format_summary, merge_reports, read_shard_reports  # noqa: E402
+from megatron_sft.errors import SFTError  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -31,7 +32,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         merged = merge_reports(read_shard_reports(args.prefix))
-    except ValueError as err:
+    except SFTError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     out = args.out or f"{args.prefix}.report.json"

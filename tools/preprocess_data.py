@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron_sft.data.chat_masks import MASK_MODES  # noqa: E402
 from megatron_sft.data.compiler import CompileConfig, CompileError, compile_dataset, format_summary  # noqa: E402
 from megatron_sft.data.formats import FormatKeys  # noqa: E402
+from megatron_sft.errors import SFTError  # noqa: E402
 from megatron_sft.data.readers import MissingExtraError  # noqa: E402
 
 
@@ -96,12 +97,12 @@ def main(argv=None) -> int:
     logging.basicConfig(format="%(levelname)s: %(message)s", level=logging.WARNING)
     try:
         report = compile_dataset(config_from_args(args))
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     except (CompileError, MissingExtraError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except SFTError as err:  # settings, inputs, tokenizer: what the command line named
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(format_summary(report))
     prefix = report["output_prefix"]
     print(f"wrote {prefix}_{{tokens,loss_mask,provenance}}.{{bin,idx}}, .meta.json, .report.json")

@@ -23,12 +23,13 @@ from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, 
 
 import torch
 
+from megatron_sft.errors import SFTError
 from megatron_sft.config import ModelConfig
 
 LAYER = "{}"
 
 
-class ConversionError(ValueError):
+class ConversionError(SFTError, ValueError):
     """A user-facing conversion problem (bad input, unsupported model, missing file)."""
 
 

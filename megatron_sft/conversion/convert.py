@@ -242,12 +242,12 @@ def megatron_to_hf(megatron_dir, out_dir, *, tokenizer: Optional[str] = None, dt
     from megatron_sft.training import checkpoint_guard as guard
 
     ckpt = resolve_checkpoint(Path(megatron_dir))
+    cfg = model_config_from_yaml(_find_file(CONFIG_YAML, [ckpt, ckpt.parent]) or ckpt / CONFIG_YAML)
     problems = guard.verify(str(ckpt))
     if problems:
         raise ConversionError(f"cannot read checkpoint {ckpt}: it fails verification ({'; '.join(problems[:5])}); "
                               "restore the file(s) from a copy or export another checkpoint")
     out_dir = Path(out_dir)
-    cfg = model_config_from_yaml(_find_file(CONFIG_YAML, [ckpt, ckpt.parent]) or ckpt / CONFIG_YAML)
     origin = _origin_dirs(ckpt)
     base_path = _find_file(HF_CONFIG, origin)
     base = json.loads(base_path.read_text()) if base_path else {}

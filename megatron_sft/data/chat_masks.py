@@ -87,6 +87,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from megatron_sft.errors import InputError, SFTError
 from megatron_sft.data.chat_spans import (
     MARKER_RE,
     Field,
@@ -106,7 +107,7 @@ MASK_MODES = typing.get_args(MaskMode)  # which turns are supervised (preprocess
 TEMPLATE_ROLE = "template"  # report key for tokens outside every message's span (mode "all")
 
 
-class MaskError(ValueError):
+class MaskError(SFTError, ValueError):
     """A conversation that cannot be given a verified loss mask.
 
     ``reason`` is a short snake_case code (a report key): ``no_chat_template``,
@@ -190,9 +191,9 @@ class ChatMasker:
     def __init__(self, tokenizer, chat_template: str | None = None, mode: str = "assistant",
                  template_kwargs: dict | None = None):
         if mode not in MASK_MODES:
-            raise ValueError(f"mode must be one of {MASK_MODES}, got {mode!r}")
+            raise InputError(f"mode must be one of {MASK_MODES}, got {mode!r}")
         if not getattr(tokenizer, "is_fast", False):
-            raise ValueError("ChatMasker needs a fast tokenizer (character offsets); load it with "
+            raise InputError("ChatMasker needs a fast tokenizer (character offsets); load it with "
                              "AutoTokenizer.from_pretrained(..., use_fast=True)")
         self.tokenizer = tokenizer
         self.chat_template = chat_template if chat_template is not None else getattr(tokenizer, "chat_template", None)

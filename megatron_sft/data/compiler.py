@@ -45,6 +45,7 @@ from typing import Iterator
 import numpy as np
 from tqdm import tqdm
 
+from megatron_sft.errors import InputError
 from megatron_sft.data.chat_masks import MASK_MODES
 from megatron_sft.data.encode_pool import (Block, Clock, Dropped, EncodePool, EncodeSettings, Encoder, blocks,
                                            encode_in_order, read_spill, start_fork_server)
@@ -138,7 +139,7 @@ class CompileConfig:
         if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
             problems.append(f"--shard-index must be in 0..--num-shards-1, got shard {self.shard_index} of {self.num_shards}")
         if problems:
-            raise ValueError("invalid preprocessing settings:\n  " + "\n  ".join(problems))
+            raise InputError("invalid preprocessing settings:\n  " + "\n  ".join(problems))
 
     @property
     def merges_turns(self) -> bool:

@@ -29,6 +29,7 @@ import numpy as np
 
 import megatron_sft.mcore  # noqa: F401  (must precede megatron.core imports)
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+from megatron_sft.errors import InputError, MissingInputError
 from megatron_sft.data.integrity import FIX, check_file_set, check_index_header
 from megatron_sft.data.output_files import (PART_NAMES, indexed_paths, meta_path, output_paths,  # noqa: F401
                                             part_prefix, report_path)
@@ -145,7 +146,7 @@ def _open_part(prefix: str, part: str) -> IndexedDataset:
     try:
         return IndexedDataset(path)
     except (AssertionError, ValueError, OSError) as err:
-        raise ValueError(f"packed dataset {prefix}: cannot read {path}.idx/.bin: {err or type(err).__name__}; {FIX}") from err
+        raise InputError(f"packed dataset {prefix}: cannot read {path}.idx/.bin: {err or type(err).__name__}; {FIX}") from err
 
 
 class PackedDataset:
@@ -170,11 +171,11 @@ class PackedDataset:
         self.prefix = os.fspath(prefix)
         for path in output_paths(self.prefix):
             if path != report_path(self.prefix) and not os.path.exists(path):
-                raise FileNotFoundError(f"packed dataset {self.prefix}: missing file {path}")
+                raise MissingInputError(f"packed dataset {self.prefix}: missing file {path}")
         try:
             self.meta = json.loads(Path(meta_path(self.prefix)).read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"packed dataset {self.prefix}: unreadable {meta_path(self.prefix)}: {err}") from err
+            raise InputError(f"packed dataset {self.prefix}: unreadable {meta_path(self.prefix)}: {err}") from err
         self._tokens = _open_part(self.prefix, "tokens")
         self._loss_mask = _open_part(self.prefix, "loss_mask")
         self._provenance = _open_part(self.prefix, "provenance")
@@ -205,7 +206,7 @@ class PackedDataset:
                 problems.append(f"pack {int(pack_tokens.argmax())} holds {int(pack_tokens.max())} tokens > "
                                 f"seq_length {seq_length}")
         if problems:
-            raise ValueError(f"packed dataset {self.prefix} is inconsistent with {meta_path(self.prefix)}: "
+            raise InputError(f"packed dataset {self.prefix} is inconsistent with {meta_path(self.prefix)}: "
                              + "; ".join(problems) + f"; {FIX}")
 
     def __len__(self) -> int:

@@ -32,6 +32,8 @@ import struct
 
 import numpy as np
 
+from megatron_sft.errors import InputError
+
 FIX = "the file set is damaged or was modified after preprocessing: re-run tools/preprocess_data.py to rewrite it"
 _HEADER = b"MMIDIDX\x00\x00"
 _HEADER_BYTES = 9 + 8 + 1 + 8 + 8  # magic, version, dtype code, sequence count, document count
@@ -50,7 +52,7 @@ class _Problems(list):
     def raise_if_any(self) -> None:
         if self:
             lines = "\n  ".join(self)
-            raise ValueError(f"packed dataset {self.prefix} is corrupt:\n  {lines}\n{FIX}")
+            raise InputError(f"packed dataset {self.prefix} is corrupt:\n  {lines}\n{FIX}")
 
 
 def check_index_header(path: str, dtype) -> None:
@@ -60,7 +62,7 @@ def check_index_header(path: str, dtype) -> None:
     with open(path, "rb") as f:
         head = f.read(_HEADER_BYTES)
     if len(head) < _HEADER_BYTES or head[:9] != _HEADER:
-        raise ValueError(f"{path} is not a Megatron index file (bad header); {FIX}")
+        raise InputError(f"{path} is not a Megatron index file (bad header); {FIX}")
     version, code, num_sequences, num_documents = struct.unpack("<QBQQ", head[9:])
     problem = None
     if version != 1:
@@ -74,7 +76,7 @@ def check_index_header(path: str, dtype) -> None:
             problem = (f"is {size} bytes but its header ({num_sequences} conversations, {num_documents - 1} packs) "
                        f"needs {expected}")
     if problem:
-        raise ValueError(f"{path} {problem}; {FIX}")
+        raise InputError(f"{path} {problem}; {FIX}")
 
 
 def _locate(doc_index: np.ndarray, sequence: int) -> str:

@@ -19,6 +19,7 @@ from typing import Iterable, Iterator, Protocol
 
 import numpy as np
 
+from megatron_sft.errors import InputError
 from megatron_sft.data.formats import Conversation
 
 
@@ -69,7 +70,7 @@ class MixturePlan:
                 counts = self.repeats(current)
             local = record.record_index - self.offsets[current]
             if not 0 <= local < counts.size:
-                raise ValueError(
+                raise InputError(
                     f"record {record.record_index} is outside source {current}'s {counts.size} counted rows; "
                     "the plan was made from different inputs"
                 )
@@ -84,11 +85,11 @@ def sample_mixture(counts: list[int], ratios: list[float], seed: int) -> Mixture
     """Plan the mixture of ``len(counts)`` sources; ``ratios[s]`` >= 0 scales source ``s``
     (1.0 keeps it as is). Deterministic for ``(counts, ratios, seed)``."""
     if len(counts) != len(ratios):
-        raise ValueError(f"got {len(counts)} sources but {len(ratios)} mixture ratios; give one ratio per --input")
+        raise InputError(f"got {len(counts)} sources but {len(ratios)} mixture ratios; give one ratio per --input")
     problems = [f"source {s}: count {c}" for s, c in enumerate(counts) if int(c) != c or c < 0]
     problems += [f"source {s}: ratio {r}" for s, r in enumerate(ratios) if not math.isfinite(r) or r < 0]
     if problems:
-        raise ValueError("mixture needs counts >= 0 and finite ratios >= 0; " + "; ".join(problems))
+        raise InputError("mixture needs counts >= 0 and finite ratios >= 0; " + "; ".join(problems))
     take, offsets, summary = [], [], []
     offset = 0
     for s, (count, ratio) in enumerate(zip(counts, ratios)):
@@ -143,9 +144,9 @@ class PseudoMultiTurn:
 
     def __init__(self, probability: float, max_turns: int, seed: int):
         if not 0.0 <= probability <= 1.0:
-            raise ValueError(f"pseudo multi-turn probability must be in [0, 1], got {probability}")
+            raise InputError(f"pseudo multi-turn probability must be in [0, 1], got {probability}")
         if max_turns < 1:
-            raise ValueError(f"pseudo multi-turn max_turns must be >= 1, got {max_turns}")
+            raise InputError(f"pseudo multi-turn max_turns must be >= 1, got {max_turns}")
         self.probability = probability
         self.max_turns = max_turns
         self.seed = seed

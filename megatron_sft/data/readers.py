@@ -25,6 +25,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Iterator, Mapping
 
+from megatron_sft.errors import InputError, MissingInputError, SFTError
+
 _JSONL_SUFFIXES = (".jsonl", ".ndjson")
 _PARQUET_BATCH_ROWS = 1024
 _UTF8_BOM = b"\xef\xbb\xbf"
@@ -45,7 +47,7 @@ DEFAULT_ROLE_MAP: tuple[tuple[str, str], ...] = (
 )
 
 
-class RecordError(ValueError):
+class RecordError(SFTError, ValueError):
     """A record that cannot be used. ``reason`` is a snake_case key for the report's counts by
     reason; ``detail`` says where (message index, line) and what was found."""
 
@@ -90,7 +92,7 @@ class FormatKeys:
         pairs = tuple(sorted((str(k), str(v)) for k, v in pairs))
         bad = [f"{k}->{v}" for k, v in pairs if v not in ROLE_TARGETS]
         if bad:
-            raise ValueError(f"role_map targets must be one of {ROLE_TARGETS}; got {', '.join(bad)}")
+            raise InputError(f"role_map targets must be one of {ROLE_TARGETS}; got {', '.join(bad)}")
         object.__setattr__(self, "role_map", pairs)
 
     def roles(self) -> dict[str, str]:
@@ -127,7 +129,7 @@ class RawRecord:
         return RawRecord(self.source_index, self.record_index, self.location, payload, error)
 
 
-class MissingExtraError(ImportError):
+class MissingExtraError(SFTError, ImportError):
     """An optional package needed for an input (pyarrow, datasets) is not installed; the message
     names the file and the install command."""
 
@@ -149,14 +151,14 @@ def _optional(module: str, path: str):
 def _kind(path: str) -> str:
     """The reader for ``path``; raises FileNotFoundError/ValueError naming it."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"input not found: {path}")
+        raise MissingInputError(f"input not found: {path}")
     if os.path.isdir(path):
         if os.path.exists(os.path.join(path, "dataset_dict.json")):
             splits = sorted(e for e in os.listdir(path) if os.path.isdir(os.path.join(path, e)))
             example = os.path.join(path, splits[0] if splits else "train")
-            raise ValueError(f"{path} is a DatasetDict; pass one split folder, e.g. {example}")
+            raise InputError(f"{path} is a DatasetDict; pass one split folder, e.g. {example}")
         if not os.path.exists(os.path.join(path, "state.json")):
-            raise ValueError(f"{path} is a folder but not one written by datasets.save_to_disk (no state.json)")
+            raise InputError(f"{path} is a folder but not one written by datasets.save_to_disk (no state.json)")
         return "hf"
     lower = path.lower()
     if lower.endswith(_JSONL_SUFFIXES):
@@ -165,7 +167,7 @@ def _kind(path: str) -> str:
         return "json"
     if lower.endswith(".parquet"):
         return "parquet"
-    raise ValueError(
+    raise InputError(
         f"unsupported input {path}: expected .jsonl/.ndjson, .json, .parquet or a datasets.save_to_disk folder"
     )
 
@@ -180,7 +182,7 @@ def count_records(path: str) -> int:
         try:
             return pq.ParquetFile(path).metadata.num_rows
         except Exception as e:  # pyarrow raises ArrowInvalid/OSError for non-parquet bytes
-            raise ValueError(f"{path}: unreadable parquet file: {e}") from None
+            raise InputError(f"{path}: unreadable parquet file: {e}") from None
     if kind == "hf":
         return len(_load_hf(path))
     if kind == "json":
@@ -269,18 +271,18 @@ def _load_json_document(path: str) -> list | None:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 (byte offset {e.start})") from None
+        raise InputError(f"{path}: not UTF-8 (byte offset {e.start})") from None
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":
             return None
-        raise ValueError(f"{path}: invalid JSON document: {e.msg} at line {e.lineno} column {e.colno}") from None
+        raise InputError(f"{path}: invalid JSON document: {e.msg} at line {e.lineno} column {e.colno}") from None
     if isinstance(doc, dict):
         return [doc]
     if isinstance(doc, list):
         return doc
-    raise ValueError(f"{path}: a .json input must hold a list of objects or one object, got {type(doc).__name__}")
+    raise InputError(f"{path}: a .json input must hold a list of objects or one object, got {type(doc).__name__}")
 
 
 def _iter_json(path: str):
@@ -305,7 +307,7 @@ def _iter_parquet(path: str, keys: FormatKeys):
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises ArrowInvalid/OSError for non-parquet bytes
-        raise ValueError(f"{path}: unreadable parquet file: {e}") from None
+        raise InputError(f"{path}: unreadable parquet file: {e}") from None
     columns = _projection(pf.schema_arrow.names, keys)
     row = 0
     for batch in pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=columns):
@@ -320,9 +322,9 @@ def _load_hf(path: str):
     try:
         ds = datasets.load_from_disk(path)
     except Exception as e:
-        raise ValueError(f"{path}: unreadable datasets folder: {e}") from None
+        raise InputError(f"{path}: unreadable datasets folder: {e}") from None
     if not isinstance(ds, datasets.Dataset):
-        raise ValueError(f"{path} holds a {type(ds).__name__}; pass one split folder")
+        raise InputError(f"{path} holds a {type(ds).__name__}; pass one split folder")
     return ds
 
 

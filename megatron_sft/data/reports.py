@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import os
 
+from megatron_sft.errors import InputError, SFTError
+
 MAX_EXAMPLES_PER_REASON = 20
 SKIP_HINT = "pass --on-error skip to drop such records (counted by reason in PREFIX.report.json)"
 
 
-class CompileError(RuntimeError):
+class CompileError(SFTError, RuntimeError):
     """A run that must stop: the first bad record under on_error="fail" (message
     ``path:line: reason: detail; fix``), an unusable tokenizer or chat template, nothing left to write."""
 
@@ -172,16 +174,16 @@ def read_shard_reports(prefix: str) -> list[dict]:
     ValueError naming the missing or inconsistent files."""
     first = f"{shard_prefix(prefix, 0)}.report.json"
     if not os.path.exists(first):
-        raise ValueError(f"{first} not found: is {prefix} the --output-prefix of a sharded run "
+        raise InputError(f"{first} not found: is {prefix} the --output-prefix of a sharded run "
                          "(tools/preprocess_data.py --num-shards N), and did shard 0 finish?")
     reports = [_load_report(first)]
     count = (reports[0].get("shard") or {}).get("count")
     if not isinstance(count, int) or count < 1:
-        raise ValueError(f"{first} is not the report of a shard (no 'shard' entry): nothing to merge")
+        raise InputError(f"{first} is not the report of a shard (no 'shard' entry): nothing to merge")
     missing = [f"{shard_prefix(prefix, i)}.report.json" for i in range(1, count)
                if not os.path.exists(f"{shard_prefix(prefix, i)}.report.json")]
     if missing:
-        raise ValueError(f"{len(missing)} of {count} shard reports missing (did those array tasks fail?): "
+        raise InputError(f"{len(missing)} of {count} shard reports missing (did those array tasks fail?): "
                          + ", ".join(missing))
     reports += [_load_report(f"{shard_prefix(prefix, i)}.report.json") for i in range(1, count)]
     return reports
@@ -192,7 +194,7 @@ def _load_report(path: str) -> dict:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: unreadable report: {err}") from None
+        raise InputError(f"{path}: unreadable report: {err}") from None
 
 
 def merge_reports(reports: list[dict]) -> dict:
@@ -248,7 +250,7 @@ def merge_reports(reports: list[dict]) -> dict:
 def _check_shards(reports: list[dict]) -> None:
     problems = []
     if not reports:
-        raise ValueError("no shard reports to merge")
+        raise InputError("no shard reports to merge")
     count = len(reports)
     for i, report in enumerate(reports):
         shard = report.get("shard") or {}
@@ -262,7 +264,7 @@ def _check_shards(reports: list[dict]) -> None:
         if paths != [(m["path"], m["ratio"]) for m in reports[0].get("mixture", [])]:
             problems.append(f"{where}: inputs/mixture ratios differ from shard 0's")
     if problems:
-        raise ValueError("these reports are not the shards of one run:\n  " + "\n  ".join(problems))
+        raise InputError("these reports are not the shards of one run:\n  " + "\n  ".join(problems))
 
 
 def _merge_reasoning(reports: list[dict]) -> dict:

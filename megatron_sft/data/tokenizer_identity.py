@@ -15,6 +15,8 @@ import json
 import logging
 from typing import Mapping
 
+from megatron_sft.errors import InputError
+
 logger = logging.getLogger("megatron_sft")
 
 HASH_KEY = "tokenizer_vocab_sha256"
@@ -51,7 +53,7 @@ def check_same_tokenizer(metas: Mapping[str, Mapping], reference: tuple[str, Map
                        ", ".join(unhashed))
     if len(hashes) > 1 or len(sizes) > 1:
         listing = "\n  ".join(f"{p}: {describe(m)}" for p, m in entries.items())
-        raise ValueError(
+        raise InputError(
             f"the datasets of this run were made with different tokenizers:\n  {listing}\n"
             "token ids mean different things across them: re-run tools/preprocess_data.py on every input with the "
             "same --tokenizer (the model's own)")

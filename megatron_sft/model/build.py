@@ -21,6 +21,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
+from megatron_sft.errors import InputError
 from megatron_sft.config import ModelConfig, ParallelConfig
 from megatron_sft.model.spec import get_block_spec
 
@@ -144,7 +145,7 @@ def build_gpt_model(
     every parallel layout. None: Megatron's build order decides (differs by PP).
     Parameters are on the current CUDA device (CPU without CUDA)."""
     if model_cfg.rope_scaling is not None and model_cfg.rope_scaling.rope_type != "llama3":
-        raise ValueError(
+        raise InputError(
             f"model.rope_scaling.rope_type {model_cfg.rope_scaling.rope_type!r} is not supported; "
             "only llama3 is"
         )

@@ -40,6 +40,7 @@ from typing import Optional
 import torch
 
 import megatron_sft.mcore  # noqa: F401  (must precede every megatron.core import)
+from megatron_sft.errors import InputError
 from megatron_sft.config import ParallelConfig, world_size_problem
 
 logger = logging.getLogger(__name__)
@@ -265,7 +266,7 @@ def setup_model_parallel(parallel_cfg: ParallelConfig, *, seed: int = 1234) -> N
 
     problem = world_size_problem(parallel_cfg, torch.distributed.get_world_size())
     if problem:
-        raise ValueError(problem)
+        raise InputError(problem)
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel_cfg.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel_cfg.pipeline_model_parallel_size,

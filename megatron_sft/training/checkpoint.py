@@ -38,6 +38,7 @@ import megatron_sft.mcore  # noqa: F401  (must precede megatron.core imports)
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+from megatron_sft.errors import InputError, MissingInputError
 from megatron_sft.training import checkpoint_guard as guard
 
 logger = logging.getLogger("megatron_sft")
@@ -66,10 +67,10 @@ def latest_iteration(root: Optional[str]) -> Optional[int]:
         return None
     text = open(pointer).read().strip()
     if not re.fullmatch(r"\d+", text):
-        raise ValueError(f"{pointer} holds {text!r}, not an iteration number: fix or delete it")
+        raise InputError(f"{pointer} holds {text!r}, not an iteration number: fix or delete it")
     iteration = int(text)
     if not os.path.isdir(iteration_dir(root, iteration)):
-        raise ValueError(f"{pointer} names iteration {iteration} but {iteration_dir(root, iteration)} is "
+        raise InputError(f"{pointer} names iteration {iteration} but {iteration_dir(root, iteration)} is "
                          "missing: point it at an existing iter_* directory")
     return iteration
 
@@ -81,7 +82,7 @@ def checkpoint_path(directory: str) -> str:
         return iteration_dir(directory, iteration)
     if os.path.exists(os.path.join(directory, "metadata.json")):
         return directory
-    raise FileNotFoundError(f"{directory} is not a checkpoint: no {LATEST_FILE} and no dist_checkpointing "
+    raise MissingInputError(f"{directory} is not a checkpoint: no {LATEST_FILE} and no dist_checkpointing "
                             "metadata.json in it")
 
 
@@ -113,7 +114,7 @@ def check_save_dependencies() -> None:
     try:
         import psutil  # noqa: F401
     except ImportError as err:
-        raise ValueError("checkpoint.save needs the psutil package (Megatron's checkpoint writer uses it): "
+        raise InputError("checkpoint.save needs the psutil package (Megatron's checkpoint writer uses it): "
                          "pip install psutil") from err
 
 

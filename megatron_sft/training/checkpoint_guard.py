@@ -33,6 +33,8 @@ from typing import Dict, List, Optional
 
 import torch.distributed as dist
 
+from megatron_sft.errors import SFTError
+
 logger = logging.getLogger("megatron_sft")
 
 MANIFEST = "manifest.json"
@@ -41,7 +43,7 @@ CHUNK_BYTES = 4 << 20
 ITER_RE = re.compile(r"iter_(\d{7})")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(SFTError, ValueError):
     """A checkpoint or save directory the run cannot use as it is; the message names the path and
     says the fix (the CLI prints it and exits 1)."""
 

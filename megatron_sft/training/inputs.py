@@ -18,6 +18,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from megatron_sft.errors import SFTError
 from megatron_sft.config import SFTConfig, as_list
 from megatron_sft.data.batches import MicroBatch, build_micro_batch, padding_multiples
 from megatron_sft.processes import helper_process_init
@@ -26,7 +27,7 @@ from megatron_sft.training.sampler import SampleStream, micro_batches, rank_slic
 logger = logging.getLogger("megatron_sft")
 
 
-class DataError(ValueError):
+class DataError(SFTError, ValueError):
     """A dataset that cannot be trained on with this config (message says which and why)."""
 
 

@@ -23,6 +23,7 @@ import megatron_sft.mcore  # noqa: F401  (must precede megatron.core imports)
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_sft.errors import InputError, SFTError
 from megatron_sft.config import SFTConfig, as_list, config_to_dict, config_to_yaml
 from megatron_sft.model.lm_head import SupervisedTargets, supervised_head_loss
 from megatron_sft.training import checkpoint as ckpt
@@ -41,7 +42,7 @@ from megatron_sft.training.sampler import SampleStream
 logger = logging.getLogger("megatron_sft")
 
 
-class TrainingError(RuntimeError):
+class TrainingError(SFTError, RuntimeError):
     """Training cannot go on (e.g. too many non-finite steps in a row); the message says why."""
 
 
@@ -244,7 +245,7 @@ class Trainer:
     def evaluate(self) -> LossReport:
         """Validation loss over the validation set (or ``eval_steps`` global batches of it)."""
         if not self.valid_sets:
-            raise ValueError("evaluation needs validation data: set --data.valid_prefix=PREFIX")
+            raise InputError("evaluation needs validation data: set --data.valid_prefix=PREFIX")
         names = source_names(self.valid_sets)
         builder = self._builder(self.valid_sets)
         batches = eval_micro_batches(builder, [len(d) for d in self.valid_sets], self.cfg, self.dp_rank,
@@ -360,7 +361,7 @@ class Trainer:
             if not self.cfg.parallel.use_distributed_optimizer:
                 raise
             # Megatron-Core 0.19.2 distrib_optimizer.py:1223 expects FusedAdam's state layout.
-            raise ValueError(f"cannot load the distributed optimizer state of {path} (missing {err}): "
+            raise InputError(f"cannot load the distributed optimizer state of {path} (missing {err}): "
                              "Megatron-Core 0.19.2 loads it only with Transformer Engine's FusedAdam; "
                              "install the te extra (pip install -e .[te])") from err
         trainer = loaded["trainer"]

@@ -23,6 +23,8 @@ import math
 import os
 from typing import Iterable, List, Optional, Tuple
 
+from megatron_sft.errors import InputError, MissingInputError
+
 logger = logging.getLogger("megatron_sft")
 
 METRICS_FILE = "metrics.jsonl"
@@ -77,7 +79,7 @@ def read_metrics(path: str) -> List[dict]:
     if os.path.isdir(path):
         path = os.path.join(path, METRICS_FILE)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no metrics file at {path} (pretrain_sft.py writes <logging.dir or "
+        raise MissingInputError(f"no metrics file at {path} (pretrain_sft.py writes <logging.dir or "
                                 f"checkpoint.save>/{METRICS_FILE})")
     return dedupe_records(_load(path)[0])
 
@@ -144,7 +146,7 @@ class MetricsWriter:
         import torch
 
         if wandb_project and importlib.util.find_spec("wandb") is None:
-            raise ValueError(f"logging.wandb_project={wandb_project!r} needs the wandb package: pip install "
+            raise InputError(f"logging.wandb_project={wandb_project!r} needs the wandb package: pip install "
                              "wandb (or bash install.sh --wandb), or leave logging.wandb_project unset")
         self.active = rank == 0
         self.cuda = torch.cuda.is_available()

@@ -15,6 +15,7 @@ import megatron_sft.mcore  # noqa: F401  (must precede megatron.core imports)
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.transformer.module import Float16Module
 
+from megatron_sft.errors import InputError
 from megatron_sft.config import SFTConfig
 from megatron_sft.model import build as model_build
 from megatron_sft.model.spec import resolve_attention_backend
@@ -98,5 +99,5 @@ def load_model_state(chunks, loaded: dict) -> None:
         result = unwrap(chunk).load_state_dict(loaded[key], strict=False)
         missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
         if missing or result.unexpected_keys:
-            raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, "
+            raise InputError(f"checkpoint does not match the model: missing {missing[:5]}, "
                              f"unexpected {list(result.unexpected_keys)[:5]}")

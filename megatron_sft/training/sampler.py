@@ -16,6 +16,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from megatron_sft.errors import InputError
+
 
 def epoch_counts(sizes: Sequence[int], weights: Optional[Sequence[float]]) -> List[int]:
     """Samples drawn from each dataset per epoch.
@@ -35,7 +37,7 @@ def epoch_counts(sizes: Sequence[int], weights: Optional[Sequence[float]]) -> Li
     counts[remainder_order[: total - int(counts.sum())]] += 1
     for i, (count, size) in enumerate(zip(counts, sizes)):
         if count > 0 and size == 0:
-            raise ValueError(f"dataset {i} is empty but has sampling weight {weights[i]}")
+            raise InputError(f"dataset {i} is empty but has sampling weight {weights[i]}")
     return counts.tolist()
 
 
@@ -71,7 +73,7 @@ class SampleStream:
     def __post_init__(self):
         self.epoch_length = sum(epoch_counts(self.sizes, self.weights))
         if self.epoch_length == 0:
-            raise ValueError("the training data holds no samples")
+            raise InputError("the training data holds no samples")
         self._cached_epoch = -1
         self._cached_order = None
 
@@ -105,7 +107,7 @@ class SampleStream:
     def load_state_dict(self, state: dict) -> None:
         """Resume at ``state['consumed_samples']``; the data must be the one the state was made on."""
         if list(state["sizes"]) != list(map(int, self.sizes)):
-            raise ValueError(f"the checkpoint was trained on datasets of sizes {state['sizes']}, these have "
+            raise InputError(f"the checkpoint was trained on datasets of sizes {state['sizes']}, these have "
                              f"{list(self.sizes)}: resume with the same data.train_prefix")
         self.consumed_samples = int(state["consumed_samples"])
 
