@@ -20,9 +20,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_sft.errors import SFTError  # noqa: E402
 from megatron_sft.conversion.convert import DTYPES, hf_to_megatron  # noqa: E402
 from megatron_sft.conversion.dist_io import LAYER_LAYOUTS  # noqa: E402
+from megatron_sft.errors import SFTError  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -15,8 +15,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_sft.errors import SFTError  # noqa: E402
 from megatron_sft.conversion.convert import DTYPES, megatron_to_hf  # noqa: E402
+from megatron_sft.errors import SFTError  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -26,8 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron_sft.data.chat_masks import MASK_MODES  # noqa: E402
 from megatron_sft.data.compiler import CompileConfig, CompileError, compile_dataset, format_summary  # noqa: E402
 from megatron_sft.data.formats import FormatKeys  # noqa: E402
-from megatron_sft.errors import SFTError  # noqa: E402
 from megatron_sft.data.readers import MissingExtraError  # noqa: E402
+from megatron_sft.errors import SFTError  # noqa: E402
 
 
 def _floats(text: str) -> list[float]:

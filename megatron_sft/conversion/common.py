@@ -23,8 +23,8 @@ from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, 
 
 import torch
 
-from megatron_sft.errors import SFTError
 from megatron_sft.config import ModelConfig
+from megatron_sft.errors import SFTError
 
 LAYER = "{}"
 

@@ -29,10 +29,10 @@ import numpy as np
 
 import megatron_sft.mcore  # noqa: F401  (must precede megatron.core imports)
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
-from megatron_sft.errors import InputError, MissingInputError
 from megatron_sft.data.integrity import FIX, check_file_set, check_index_header
 from megatron_sft.data.output_files import (PART_NAMES, indexed_paths, meta_path, output_paths,  # noqa: F401
                                             part_prefix, report_path)
+from megatron_sft.errors import InputError, MissingInputError
 
 FORMAT_VERSION = 1
 TOKENS_DTYPE = np.int32

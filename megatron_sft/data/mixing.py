@@ -19,8 +19,8 @@ from typing import Iterable, Iterator, Protocol
 
 import numpy as np
 
-from megatron_sft.errors import InputError
 from megatron_sft.data.formats import Conversation
+from megatron_sft.errors import InputError
 
 
 @dataclass(frozen=True)

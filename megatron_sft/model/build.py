@@ -21,8 +21,8 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-from megatron_sft.errors import InputError
 from megatron_sft.config import ModelConfig, ParallelConfig
+from megatron_sft.errors import InputError
 from megatron_sft.model.spec import get_block_spec
 
 LOCAL_TO_CANONICAL = {

@@ -40,8 +40,8 @@ from typing import Optional
 import torch
 
 import megatron_sft.mcore  # noqa: F401  (must precede every megatron.core import)
-from megatron_sft.errors import InputError
 from megatron_sft.config import ParallelConfig, world_size_problem
+from megatron_sft.errors import InputError
 
 logger = logging.getLogger(__name__)
 

@@ -15,12 +15,11 @@ import os
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 
-from megatron_sft.errors import SFTError
-from megatron_sft.config import SFTConfig, as_list
+from megatron_sft.config import SFTConfig
 from megatron_sft.data.batches import MicroBatch, build_micro_batch, padding_multiples
+from megatron_sft.errors import SFTError
 from megatron_sft.processes import helper_process_init
 from megatron_sft.training.sampler import SampleStream, micro_batches, rank_slice
 

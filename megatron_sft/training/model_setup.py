@@ -15,8 +15,8 @@ import megatron_sft.mcore  # noqa: F401  (must precede megatron.core imports)
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.transformer.module import Float16Module
 
-from megatron_sft.errors import InputError
 from megatron_sft.config import SFTConfig
+from megatron_sft.errors import InputError
 from megatron_sft.model import build as model_build
 from megatron_sft.model.spec import resolve_attention_backend
 

@@ -1,0 +1,44 @@
+"""The typed configuration of megatron-sft, mirrored by YAML and loaded strictly.
+
+- ``schema``: the sections (dataclasses), a docstring under every field (it doubles as
+  ``--help``), derived values (``ModelConfig.query_groups``, ``head_dim``) as properties.
+- ``loader``: ``load_config`` (YAML files + ``--section.key=value`` overrides, model section from
+  ``checkpoint.pretrained``), every issue at once; ``config_help``, ``config_to_yaml``.
+- ``checks``: cross-field rules, including the model-split, world-size and attention-backend
+  rules that the runtime, the model spec and the converters ask too.
+
+Megatron's own ``TransformerConfig`` is never re-declared: it is built by one pure function
+(``megatron_sft.model.build.transformer_config_from``) from these sections.
+"""
+
+from megatron_sft.config.schema import (  # noqa: F401
+    CheckpointConfig,
+    DataConfig,
+    LoggingConfig,
+    ModelConfig,
+    ParallelConfig,
+    RopeScalingConfig,
+    SFTConfig,
+    TrainingConfig,
+    as_list,
+)
+from megatron_sft.config.checks import (  # noqa: F401
+    ATTENTION_BACKENDS,
+    check_config,
+    ineffective_settings,
+    model_split_problems,
+    resolve_attention_backend,
+    te_installed,
+    world_size_problem,
+)
+from megatron_sft.config.loader import (  # noqa: F401
+    ConfigError,
+    RUN_CHOICE_MODEL_KEYS,
+    config_help,
+    config_to_dict,
+    config_to_yaml,
+    field_docs,
+    load_config,
+    parse_overrides,
+    pretrained_config_file,
+)

@@ -1,0 +1,399 @@
+"""Loading: YAML files + ``--section.key=value`` overrides -> ``SFTConfig``, strictly (unknown keys
+named with their file), every issue reported at once; ``--help`` text from the field docs."""
+
+from __future__ import annotations
+
+import ast
+import copy
+import dataclasses
+import difflib
+import inspect
+import os
+import textwrap
+import typing
+from typing import Dict, List, Literal, Optional, Sequence, Tuple, Union
+
+import yaml
+
+from megatron_sft.errors import SFTError
+from megatron_sft.config.checks import check_config
+from megatron_sft.config.schema import ModelConfig, SFTConfig
+
+
+class ConfigError(SFTError, ValueError):
+    """Invalid user configuration; ``issues`` lists every problem found, each with its fix."""
+
+    def __init__(self, issues: List[str]):
+        self.issues = list(issues)
+        lines = "\n".join(f"  - {issue}" for issue in self.issues)
+        super().__init__(f"invalid configuration ({len(self.issues)} issue(s)):\n{lines}")
+
+
+_INVALID = object()  # a value that failed conversion (already reported)
+
+
+def load_config(
+    paths: Union[str, Sequence[str], None],
+    overrides: Sequence[str] = (),
+    *,
+    world_size: int = 1,
+    has_cuda: bool = False,
+    has_te: Optional[bool] = None,
+) -> "SFTConfig":
+    """Compose the run's config and check it for a job of ``world_size`` processes on a machine
+    with or without CUDA and Transformer Engine (``has_te`` None: whether it is installed).
+
+    Order, later wins key by key (sections merge, a list or scalar is replaced whole): the YAML
+    files ``paths`` in the order given (a base recipe, then files of overrides), then the
+    ``--section.key=value`` ``overrides``. Then, when ``checkpoint.pretrained`` holds a config.yaml
+    (a converted HF model or a trainer checkpoint), its ``model:`` section fills the model section;
+    a model value also given explicitly must equal it (``RUN_CHOICE_MODEL_KEYS`` excepted).
+    Raises ConfigError listing every issue at once (unknown keys name their file)."""
+    issues: List[str] = []
+    paths = [paths] if isinstance(paths, str) else list(paths or [])
+    layers = [(path, _read_yaml(path, issues)) for path in paths]
+    if issues:  # an unreadable file: what is missing from it would be reported as noise
+        raise ConfigError(issues)
+    cli: dict = {}
+    for dotted, value in parse_overrides(overrides, issues):
+        _set_dotted(cli, dotted, value, issues)
+    layers.append(("the command line", cli))
+    raw: dict = {}
+    origin: Dict[str, str] = {}  # dotted key -> the file (or command line) that set it last
+    for source, layer in layers:
+        layer = _known_keys(SFTConfig, layer, "", source, issues)
+        _deep_merge(raw, layer)
+        origin.update(dict.fromkeys(_leaf_paths(layer), source))
+    if raw.get("model", {}) is None:  # ``model: null`` (e.g. in an overlay) means "no model section"
+        del raw["model"]
+    model_missing = not _take_pretrained_model(raw, origin, issues) and "model" not in raw
+    build_issues: List[str] = []
+    cfg = _build(SFTConfig, raw, "", build_issues)
+    if model_missing:  # already reported once with its fix, not once per required model key
+        build_issues = [i for i in build_issues if not i.startswith("missing required key 'model.")]
+    issues.extend(build_issues)
+    if not issues:  # cross-field checks need every field well typed
+        issues.extend(check_config(cfg, world_size=world_size, has_cuda=has_cuda, has_te=has_te))
+    if issues:
+        raise ConfigError(issues)
+    return cfg
+
+
+def _read_yaml(path: str, issues: List[str]) -> dict:
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as e:
+        issues.append(f"cannot read config file {path}: {e}")
+        return {}
+    if not isinstance(raw, dict):
+        issues.append(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
+        return {}
+    return raw
+
+
+def _known_keys(cls, raw: object, prefix: str, source: str, issues: List[str]) -> object:
+    """``raw`` without the keys dataclass ``cls`` lacks (at any depth), each reported as coming
+    from ``source`` (a file path or the command line). Values are left for ``_build`` to check."""
+    if not isinstance(raw, dict):
+        return raw
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for key, value in raw.items():
+        if key not in hints:
+            issues.append(f"{source}: {_unknown_key(prefix, key, list(hints))}")
+            continue
+        section = next((t for t in (hints[key], *typing.get_args(hints[key])) if dataclasses.is_dataclass(t)), None)
+        out[key] = _known_keys(section, value, f"{prefix}{key}.", source, issues) if section else value
+    return out
+
+
+def _unknown_key(prefix: str, key: object, known: List[str]) -> str:
+    close = difflib.get_close_matches(str(key), known, n=1)
+    hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(known)}"
+    return f"unknown key '{prefix}{key}'{hint}"
+
+
+def _deep_merge(base: dict, layer: dict) -> None:
+    """Merge ``layer`` into ``base`` in place: mappings key by key, anything else replaced whole."""
+    for key, value in layer.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_merge(base[key], value)
+        else:
+            base[key] = copy.deepcopy(value)
+
+
+def _leaf_paths(raw: dict, prefix: str = ""):
+    for key, value in raw.items():
+        if isinstance(value, dict) and value:
+            yield from _leaf_paths(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}"
+
+
+# --------------------------------------------------------------------------------------------
+# The model section of checkpoint.pretrained (a converted HF model or a trainer checkpoint).
+# --------------------------------------------------------------------------------------------
+
+RUN_CHOICE_MODEL_KEYS = ("attention_backend", "max_position_embeddings")
+"""Model keys that no weight depends on: a config may set them differently from the checkpoint's."""
+
+
+def pretrained_config_file(directory: str) -> Optional[str]:
+    """The config.yaml describing checkpoint ``directory``, or None: a converted dir and an
+    ``iter_*`` dir hold one; a trainer save dir holds one in its latest iteration (the layout of
+    ``megatron_sft.training.checkpoint``, read here without importing Megatron)."""
+    pointer = os.path.join(directory, "latest_checkpointed_iteration.txt")
+    if os.path.isfile(pointer):
+        with open(pointer) as f:
+            text = f.read().strip()
+        if text.isdigit():  # a bad pointer is the trainer's error to report, with its fix
+            directory = os.path.join(directory, f"iter_{int(text):07d}")
+    path = os.path.join(directory, "config.yaml")
+    return path if os.path.isfile(path) else None
+
+
+def _take_pretrained_model(raw: dict, origin: Dict[str, str], issues: List[str]) -> bool:
+    """Fill ``raw["model"]`` from ``checkpoint.pretrained``'s config.yaml, reporting every
+    explicit model value that differs from it. True when the model section came from there."""
+    checkpoint = raw.get("checkpoint")
+    pretrained = checkpoint.get("pretrained") if isinstance(checkpoint, dict) else None
+    explicit = raw.get("model", {})
+    if not pretrained and "model" not in raw:
+        issues.append("no model section: give model: in a --config file, or --checkpoint.pretrained=DIR of a "
+                      "converted model (tools/convert_hf_to_megatron.py writes DIR/config.yaml)")
+    if not isinstance(pretrained, str) or not pretrained or not isinstance(explicit, dict):
+        return False  # nothing to take (a wrong type is reported by _build)
+    path = pretrained_config_file(pretrained)
+    if path is None:
+        required = {f.name for f in dataclasses.fields(ModelConfig) if f.default is dataclasses.MISSING}
+        if not required <= set(explicit):
+            why = "does not exist" if not os.path.isdir(pretrained) else "holds no config.yaml"
+            issues.append(f"checkpoint.pretrained={pretrained} {why}, so it cannot give the model section: point it "
+                          "at a tools/convert_hf_to_megatron.py output (or a trainer checkpoint), or give model:")
+        return False
+    read_issues: List[str] = []
+    section = _read_yaml(path, read_issues).get("model")
+    if read_issues or not isinstance(section, dict):
+        issues.extend(read_issues or [f"{path} (checkpoint.pretrained) has no model: section: re-convert the "
+                                      "model, or give model:"])
+        return False
+    section = _known_keys(ModelConfig, section, "model.", path, issues)
+    merged = copy.deepcopy(section)
+    _deep_merge(merged, explicit)
+    issues.extend(_model_conflicts(section, merged, explicit, origin, path))
+    raw["model"] = merged
+    return True
+
+
+def _model_conflicts(section: dict, merged: dict, explicit: dict, origin: Dict[str, str], path: str) -> List[str]:
+    """Each model key given explicitly whose (typed) value differs from the checkpoint's."""
+    hints = typing.get_type_hints(ModelConfig)
+    conflicts = []
+    for key in section:
+        if key in RUN_CHOICE_MODEL_KEYS or key not in explicit:
+            continue
+        scratch: List[str] = []  # a value of the wrong type is reported once, by _build
+        theirs = _convert(hints[key], section[key], f"model.{key}", scratch)
+        ours = _convert(hints[key], merged[key], f"model.{key}", scratch)
+        if scratch or theirs == ours:
+            continue
+        dotted = f"model.{key}"
+        where = origin.get(dotted) or next((s for k, s in origin.items() if k.startswith(dotted + ".")), "config")
+        conflicts.append(
+            f"{dotted}={_plain(ours)!r} ({where}) conflicts with {_plain(theirs)!r} in {path}, the model of "
+            f"checkpoint.pretrained: remove {dotted} from {where} (the model section comes from the checkpoint), "
+            "or point checkpoint.pretrained at the model you mean")
+    return conflicts
+
+
+def _plain(value):
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+
+
+def parse_overrides(args: Sequence[str], issues: List[str]) -> List[Tuple[str, object]]:
+    """``["--training.lr=3e-4", "--data.seed", "7"]`` -> ``[("training.lr", 3e-4), ("data.seed", 7)]``.
+    Values are parsed as YAML scalars/lists (``true``, ``[a, b]``, ``null``)."""
+    out: List[Tuple[str, object]] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        i += 1
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            issues.append(f"override {arg!r}: expected --section.key=value (e.g. --training.lr=1e-4)")
+            continue
+        key, sep, text = arg[2:].partition("=")
+        if not sep:
+            if i >= len(args):
+                issues.append(f"override --{key}: missing value (use --{key}=VALUE)")
+                continue
+            text = args[i]
+            i += 1
+        try:
+            value = yaml.safe_load(text) if text != "" else ""
+        except yaml.YAMLError:
+            value = text
+        out.append((key, value))
+    return out
+
+
+def _set_dotted(raw: dict, dotted: str, value: object, issues: List[str]) -> None:
+    node = raw
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            issues.append(f"override --{dotted}: '{part}' is not a section")
+            return
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(cls, raw: object, prefix: str, issues: List[str]):
+    """Build dataclass ``cls`` from a mapping, reporting unknown/missing keys and bad types."""
+    where = prefix.rstrip(".") or "the top level"
+    if not isinstance(raw, dict):
+        issues.append(f"{where}: expected a mapping of {cls.__name__} fields, got {raw!r}")
+        raw = {}
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in known:  # load_config drops these first, naming their file
+            issues.append(_unknown_key(prefix, key, list(known)))
+    kwargs = {}
+    for name, f in known.items():
+        dotted = f"{prefix}{name}"
+        if name in raw:
+            value = _convert(hints[name], raw[name], dotted, issues)
+            kwargs[name] = None if value is _INVALID else value
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            if dataclasses.is_dataclass(hints[name]):
+                kwargs[name] = _build(hints[name], {}, dotted + ".", issues)
+            else:
+                doc = field_docs(cls).get(name, "")
+                issues.append(f"missing required key '{dotted}' ({doc.splitlines()[0] if doc else name})")
+                kwargs[name] = None
+    return cls(**kwargs)
+
+
+def _convert(tp, value, dotted: str, issues: List[str]):
+    """Convert one YAML value to type ``tp``; report and return _INVALID when it does not fit."""
+    result = _try_convert(tp, value, dotted, issues)
+    if result is _INVALID:
+        issues.append(f"'{dotted}' = {value!r}: expected {_type_name(tp)}")
+    return result
+
+
+def _try_convert(tp, value, dotted: str, issues: List[str]):
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Union:
+        if value is None:
+            return None if type(None) in args else _INVALID
+        for arg in args:
+            if arg is type(None):
+                continue
+            sub_issues: List[str] = []
+            result = _try_convert(arg, value, dotted, sub_issues)
+            if result is not _INVALID:
+                issues.extend(sub_issues)
+                return result
+        return _INVALID
+    if origin is Literal:
+        return value if value in args else _INVALID
+    if origin in (list, List):
+        if not isinstance(value, list):
+            return _INVALID
+        items = [_try_convert(args[0], v, f"{dotted}[{i}]", issues) for i, v in enumerate(value)]
+        return _INVALID if any(v is _INVALID for v in items) else items
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, dotted + ".", issues) if isinstance(value, dict) else _INVALID
+    if tp is bool:
+        return value if isinstance(value, bool) else _INVALID
+    if tp is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else _INVALID
+    if tp is float:
+        return _to_float(value)
+    if tp is str:
+        return value if isinstance(value, str) else _INVALID
+    raise TypeError(f"unsupported config field type {tp} at {dotted}")  # a bug in this module
+
+
+def _to_float(value):
+    # PyYAML reads "1e-5" (no dot) as a string: accept any string float() accepts.
+    if isinstance(value, bool):
+        return _INVALID
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return _INVALID
+    return _INVALID
+
+
+def _type_name(tp) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Union:
+        return " or ".join(_type_name(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (list, List):
+        return f"a list of {_type_name(args[0])}"
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return f"a mapping ({tp.__name__})"
+    return getattr(tp, "__name__", str(tp))
+
+
+def field_docs(cls) -> Dict[str, str]:
+    """The docstring written under each field of dataclass ``cls`` (parsed from its source)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for stmt, nxt in zip(body, body[1:]):
+        if (
+            isinstance(stmt, ast.AnnAssign)
+            and isinstance(stmt.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(getattr(nxt, "value", None), ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[stmt.target.id] = inspect.cleandoc(nxt.value.value)
+    return docs
+
+
+def config_help(cls=None, prefix: str = "") -> str:
+    """``--help`` text: every ``--section.key`` with its type, default and docstring."""
+    cls = cls or SFTConfig
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    lines = []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            lines.append(f"\n[{prefix}{f.name}] {inspect.cleandoc(tp.__doc__ or '')}")
+            lines.append(config_help(tp, f"{prefix}{f.name}."))
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f"default {f.default!r}"
+        elif f.default_factory is not dataclasses.MISSING:
+            default = "default {}"
+        else:
+            default = "required"
+        lines.append(f"  --{prefix}{f.name} ({_type_name(tp)}; {default})")
+        lines.extend("      " + line for line in docs.get(f.name, "").splitlines())
+    return "\n".join(lines)
+
+
+def config_to_dict(cfg) -> dict:
+    """The resolved config as plain YAML-able data (what is printed and saved as config.yaml)."""
+    return dataclasses.asdict(cfg)
+
+
+def config_to_yaml(cfg) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
+
