@@ -46,6 +46,14 @@ def _write(prefix, packs=PACKS, seq_length=8):
     return counts
 
 
+def _edit_meta(prefix, edit) -> dict:
+    """Apply ``edit(meta)`` to PREFIX.meta.json in place; returns the edited meta."""
+    meta = json.loads(open(meta_path(prefix)).read())
+    edit(meta)
+    open(meta_path(prefix), "w").write(json.dumps(meta))
+    return meta
+
+
 def test_round_trip_exact(tmp_path):
     prefix = tmp_path / "set"
     counts = _write(prefix)
@@ -116,9 +124,7 @@ def test_parts_disagree(tmp_path):
 def test_meta_counts_disagree(tmp_path):
     prefix = tmp_path / "set"
     _write(prefix)
-    meta = json.loads(open(meta_path(prefix)).read())
-    meta["counts"]["num_packs"] = 4
-    open(meta_path(prefix), "w").write(json.dumps(meta))
+    _edit_meta(prefix, lambda meta: meta["counts"].update(num_packs=4))
     with pytest.raises(ValueError, match="num_packs=4"):
         PackedDataset(prefix)
 
@@ -233,16 +239,13 @@ def test_shifted_pointer_names_pack_and_conversation(tmp_path):
 def test_values_checked_against_vocab_and_inputs(tmp_path):
     prefix = tmp_path / "set"
     _write(prefix)
-    meta = json.loads(open(meta_path(prefix)).read())
-    meta.update(vocab_size=14, settings={"inputs": ["a.jsonl", "b.jsonl"]})
-    open(meta_path(prefix), "w").write(json.dumps(meta))
+    _edit_meta(prefix, lambda meta: meta.update(vocab_size=14, settings={"inputs": ["a.jsonl", "b.jsonl"]}))
     with pytest.raises(ValueError) as info:
         PackedDataset(prefix)
     message = str(info.value)
     assert "set_tokens.bin: token id 14 outside [0, 14) (the tokenizer's vocab_size in the meta) at pack 2, conversation 2" in message
     assert "set_provenance.bin: source_index 2 outside [0, 2) (the number of inputs) at pack 2, conversation 2" in message
-    meta.update(vocab_size=15, settings={"inputs": ["a", "b", "c"]})
-    open(meta_path(prefix), "w").write(json.dumps(meta))
+    _edit_meta(prefix, lambda meta: meta.update(vocab_size=15, settings={"inputs": ["a", "b", "c"]}))
     assert len(PackedDataset(prefix)) == 3
 
 
