@@ -86,7 +86,7 @@ def main(argv=None) -> int:
         if args.eval_only:
             report = trainer.evaluate()
             if torch.distributed.get_rank() == 0:
-                print(f"eval_loss={report.loss:.6f} eval_tokens={trainer.last_eval[1]}", flush=True)
+                print(f"eval_loss={report.loss:.6f} eval_tokens={report.num_targets}", flush=True)
         else:
             trainer.train()
         return 0

@@ -33,7 +33,7 @@ from megatron_sft.training.flops import causal_pairs, peak_tflops, step_flops
 from megatron_sft.training.inputs import (BatchBuilder, check_tokenizers, describe_pack, eval_micro_batches,
                                           fixed_micro_batch_length, open_datasets, source_names, source_offsets,
                                           train_batches)
-from megatron_sft.training.loss import LossReport, make_loss_func, summarize
+from megatron_sft.training.loss import LossReport, make_loss_func, report_width, summarize
 from megatron_sft.training.metrics import MetricsWriter, memory_gib
 from megatron_sft.training.model_setup import build_model, load_model_state, model_sharded_state_dict
 from megatron_sft.training.optimizer import build_optimizer, build_scheduler, optimizer_step, prepare_for_loading
@@ -222,7 +222,7 @@ class Trainer:
         """Sum the loss reports (last stage) and batch statistics over all ranks, each counted
         once: loss sums from TP rank 0 of the last stage (every CP shard), statistics from the
         (TP 0, CP 0, last stage) rank of each DP replica."""
-        width = 2 + 2 * max(num_sources, 1)
+        width = report_width(num_sources)
         local = torch.zeros(width + 3, dtype=torch.float64)
         last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
         tp0 = parallel_state.get_tensor_model_parallel_rank() == 0
@@ -262,10 +262,10 @@ class Trainer:
         for chunk in self.model:
             chunk.train()
         report = summarize(total, names)
+        report.num_targets = targets
         record = {"step": self.step, "eval_loss": report.loss, "eval_tokens": targets}
         record.update({f"eval_loss/{name}": value for name, value in report.per_source.items()})
         self.metrics.write(record)
-        self.last_eval = (report, targets)
         return report
 
     # ------------------------------------------------------------------ checkpoints

@@ -105,6 +105,11 @@ def sft_loss_func(
     return loss_sum, count, {"sums": report}
 
 
+def report_width(num_sources: int) -> int:
+    """Length of a report vector: loss and weight sums, then per-source loss and weight sums."""
+    return 2 + 2 * max(num_sources, 1)
+
+
 def make_loss_func(loss_weight, source_index, num_sources: int, cp_group=None) -> Callable:
     return partial(sft_loss_func, loss_weight=loss_weight, source_index=source_index,
                    num_sources=num_sources, cp_group=cp_group)
@@ -120,6 +125,8 @@ class LossReport:
     """sum(w): supervised tokens (token mode), turns (turn) or conversations (sequence)."""
     per_source: dict
     """input name -> loss over that source's positions (sources without targets are omitted)."""
+    num_targets: Optional[int] = None
+    """Supervised target tokens behind the loss, where counted (evaluation)."""
 
 
 def summarize(report: torch.Tensor, source_names: Sequence[str]) -> LossReport:
