@@ -67,7 +67,7 @@ def main(argv=None) -> int:
         print(ConfigError(["--eval-only needs data.valid_prefix: set --data.valid_prefix=PREFIX"]), file=sys.stderr)
         return 2
 
-    from megatron_sft.model.runtime import initialize_distributed, setup_model_parallel, teardown_model_parallel
+    from megatron_sft.runtime import initialize_distributed, setup_model_parallel, teardown_model_parallel
     from megatron_sft.training.loop import Trainer
     from megatron_sft.training.metrics import setup_logging
 

@@ -53,7 +53,7 @@ def run(argv) -> None:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29531")
     from megatron_sft.config import load_config
-    from megatron_sft.model.runtime import initialize_distributed, setup_model_parallel, teardown_model_parallel
+    from megatron_sft.runtime import initialize_distributed, setup_model_parallel, teardown_model_parallel
     from megatron_sft.training.inputs import source_names, train_batches
     from megatron_sft.training.loop import Trainer
 

@@ -1,4 +1,5 @@
 """Model side of the trainer: layer spec, attention backends, model construction, LM head.
+(Process set-up, distributed init and the CPU patches of Megatron are ``megatron_sft.runtime``.)
 
 This package imports nothing, so ``import megatron_sft.model`` stays cheap; import the modules:
 
@@ -11,7 +12,6 @@ This package imports nothing, so ``import megatron_sft.model`` stays cheap; impo
   either backend use.
 - ``lm_head``: the supervised LM head (logits and cross-entropy only at target positions,
   chunked, gradient taken in the same pass) plugged in through GPTModel's ``output_processor``.
-- ``runtime``: process set-up (distributed init, model-parallel state, CPU patches of Megatron).
 
 The loss recipe (weighted sums that Megatron divides by the global weight) lives in
 ``megatron_sft.training.loss``; the labels and weights in ``megatron_sft.data.labels``.

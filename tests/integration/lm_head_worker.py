@@ -21,7 +21,7 @@ import torch
 import megatron_sft.mcore  # noqa: F401
 from megatron_sft.config import ParallelConfig
 from megatron_sft.data.batches import build_micro_batch
-from megatron_sft.model import runtime
+from megatron_sft import runtime
 from megatron_sft.model.build import build_model_chunks, transformer_config_from
 from megatron_sft.model.lm_head import SupervisedTargets, supervised_head_loss
 sys.path.insert(0, str(Path(__file__).parent))

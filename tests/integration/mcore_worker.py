@@ -34,7 +34,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_sft.config import ModelConfig, ParallelConfig, RopeScalingConfig
 from megatron_sft.data.batches import build_micro_batch
-from megatron_sft.model import runtime
+from megatron_sft import runtime
 from megatron_sft.model.build import (build_model_chunks, canonical_key, canonical_sharded_state_dict,
                                      transformer_config_from)
 

@@ -19,7 +19,7 @@ SCRIPT = textwrap.dedent("""
     from megatron.core import dist_checkpointing
     from megatron_sft.config import ModelConfig, ParallelConfig
     from megatron_sft.model.build import build_gpt_model
-    from megatron_sft.model.runtime import initialize_distributed, setup_model_parallel, teardown_model_parallel
+    from megatron_sft.runtime import initialize_distributed, setup_model_parallel, teardown_model_parallel
 
     os.makedirs(sys.argv[1], exist_ok=True)
     initialize_distributed()

@@ -106,7 +106,7 @@ def test_llama3_rope_scaling_matches_transformers():
 
 
 def test_cpu_grad_clipping_scales_by_max_over_total():
-    from megatron_sft.model.runtime import _clip_grad_by_total_norm_cpu
+    from megatron_sft.runtime import _clip_grad_by_total_norm_cpu
 
     params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(1))]
     params[0].grad, params[1].grad = torch.tensor([3.0, 0.0, 4.0]), torch.tensor([1.0, -2.0])
@@ -121,7 +121,7 @@ def test_cpu_grad_clipping_scales_by_max_over_total():
 def test_setup_model_parallel_rejects_a_layout_the_world_cannot_hold():
     import torch.distributed as dist
 
-    from megatron_sft.model.runtime import setup_model_parallel
+    from megatron_sft.runtime import setup_model_parallel
 
     if dist.is_initialized():
         pytest.skip("a process group already exists in this process")
