@@ -20,8 +20,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
-import shutil
 import warnings
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
@@ -30,6 +28,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from megatron_sft.atomic import publish_dir, staging_dir
 from megatron_sft.config import ModelConfig, RopeScalingConfig, model_split_problems
 from megatron_sft.conversion import dist_io, hf_io
 from megatron_sft.hub import HubError, resolve_hf_dir
@@ -140,13 +139,9 @@ def _staging(out_dir: Path):
     conversion never leaves a directory that looks complete."""
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ConversionError(f"{out_dir} exists and is not empty; choose a new --out directory")
-    tmp = out_dir.with_name(out_dir.name + ".incomplete")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = Path(staging_dir(out_dir))
     yield tmp
-    if out_dir.exists():
-        out_dir.rmdir()  # empty, checked above
-    os.rename(tmp, out_dir)
+    publish_dir(tmp, out_dir)  # an empty out_dir (checked above) is replaced
 
 
 def _check_hf_keys(arch: Architecture, rules: List[ConcreteRule], keys: Iterable[str], hf_dir: Path) -> None:

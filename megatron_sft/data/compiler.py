@@ -46,6 +46,7 @@ import numpy as np
 from tqdm import tqdm
 
 from megatron_sft.errors import InputError
+from megatron_sft.atomic import publish_files
 from megatron_sft.data.chat_masks import MASK_MODES
 from megatron_sft.data.encode_pool import (Block, Clock, Dropped, EncodePool, EncodeSettings, Encoder, blocks,
                                            encode_in_order, read_spill, start_fork_server)
@@ -327,10 +328,7 @@ def _publish(tmp_prefix: str, final_prefix: str) -> None:
     crash half way leaves a set without meta, which ``PackedDataset`` refuses."""
     from megatron_sft.data.indexed import meta_path, output_paths
 
-    if os.path.exists(meta_path(final_prefix)):
-        os.remove(meta_path(final_prefix))
-    for tmp_path, final_path in zip(output_paths(tmp_prefix), output_paths(final_prefix)):
-        os.replace(tmp_path, final_path)
+    publish_files(list(zip(output_paths(tmp_prefix), output_paths(final_prefix))), marker=meta_path(final_prefix))
 
 
 def compile_dataset(config: CompileConfig) -> dict:

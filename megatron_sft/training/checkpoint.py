@@ -38,14 +38,13 @@ import megatron_sft.mcore  # noqa: F401  (must precede megatron.core imports)
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+from megatron_sft.atomic import INCOMPLETE_SUFFIX, REPLACED_SUFFIX, publish_dir, staging_dir, write_text_atomic
 from megatron_sft.errors import InputError, MissingInputError
 from megatron_sft.training import checkpoint_guard as guard
 
 logger = logging.getLogger("megatron_sft")
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
-INCOMPLETE_SUFFIX = ".incomplete"
-REPLACED_SUFFIX = ".replaced"
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
 
 
@@ -135,7 +134,7 @@ def save_checkpoint(root: str, iteration: int, sharded_state_dict: dict, files: 
     and every earlier checkpoint are left as they were."""
     final = iteration_dir(root, iteration)
     tmp = final + INCOMPLETE_SUFFIX
-    error = _try(lambda: _fresh_dir(root, tmp), tmp) if _rank() == 0 else None
+    error = _try(lambda: staging_dir(final), tmp) if _rank() == 0 else None
     guard.raise_if_any(error and _save_failed(root, final, error))
     entries: dict = {}
 
@@ -174,12 +173,6 @@ def _try(action, path: str) -> Optional[str]:
         return _describe(err, path)
 
 
-def _fresh_dir(root: str, tmp: str) -> None:
-    os.makedirs(root, exist_ok=True)
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-
-
 def _finish(root: str, iteration: int, tmp: str, files: Dict[str, str], entries: dict, run_id: str,
             history: List[int], keep_last: int) -> None:
     """Rank 0, after every rank wrote its shards: common files, manifest, rename, pointer, prune."""
@@ -188,16 +181,9 @@ def _finish(root: str, iteration: int, tmp: str, files: Dict[str, str], entries:
             f.write(text)
     entries.update(guard.checksum(tmp, guard.shared_files(tmp)))
     guard.write_manifest(tmp, entries, iteration, run_id, history)
-    final = iteration_dir(root, iteration)
-    replaced = final + REPLACED_SUFFIX
-    if os.path.exists(final):  # re-saving a step (e.g. SIGTERM right after a periodic save)
-        os.rename(final, replaced)
-    try:
-        os.rename(tmp, final)
-    except OSError:
-        if os.path.exists(replaced):
-            os.rename(replaced, final)  # the pointer may name it: put it back
-        raise
+    # Re-saving a step (e.g. SIGTERM right after a periodic save) replaces it; the old copy is put
+    # back if the rename fails (the pointer may name it) and pruned once the pointer moved.
+    publish_dir(tmp, iteration_dir(root, iteration), keep_replaced=True)
     _write_pointer(root, iteration)
     _prune(root, history, run_id, keep_last)
 
@@ -210,12 +196,7 @@ def latest_iteration_or_none(root: str) -> Optional[int]:
 
 
 def _write_pointer(root: str, iteration: int) -> None:
-    tmp = os.path.join(root, LATEST_FILE + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(f"{iteration}\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(root, LATEST_FILE))
+    write_text_atomic(os.path.join(root, LATEST_FILE), f"{iteration}\n")
 
 
 def _prune(root: str, history: List[int], run_id: str, keep_last: int) -> None:
