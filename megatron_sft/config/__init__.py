@@ -36,6 +36,7 @@ from megatron_sft.config.loader import (  # noqa: F401
     RUN_CHOICE_MODEL_KEYS,
     config_help,
     config_to_dict,
+    build_section,
     config_to_yaml,
     field_docs,
     load_config,

@@ -79,6 +79,17 @@ def load_config(
     return cfg
 
 
+def build_section(cls, raw: object, prefix: str, source: str):
+    """One config section (a dataclass, e.g. ModelConfig) from a mapping, as strictly as
+    ``load_config`` builds the whole tree: unknown keys (named with ``source``), missing keys and
+    bad types are one ConfigError listing every issue. For tools that read one section."""
+    issues: List[str] = []
+    section = _build(cls, _known_keys(cls, raw, prefix, source, issues), prefix, issues)
+    if issues:
+        raise ConfigError(issues)
+    return section
+
+
 def _read_yaml(path: str, issues: List[str]) -> dict:
     try:
         with open(path) as f:

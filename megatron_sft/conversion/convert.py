@@ -29,7 +29,7 @@ import yaml
 from tqdm import tqdm
 
 from megatron_sft.atomic import publish_dir, staging_dir
-from megatron_sft.config import ModelConfig, RopeScalingConfig, model_split_problems
+from megatron_sft.config import ConfigError, ModelConfig, build_section, model_split_problems
 from megatron_sft.conversion import dist_io, hf_io
 from megatron_sft.hub import HubError, resolve_hf_dir
 from megatron_sft.conversion.common import (
@@ -187,14 +187,10 @@ def model_config_from_yaml(path: Path) -> ModelConfig:
     section = (yaml.safe_load(path.read_text()) or {}).get("model")
     if not isinstance(section, dict):
         raise ConversionError(f"{path} has no 'model:' section")
-    names = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown = sorted(set(section) - names)
-    if unknown:
-        raise ConversionError(f"{path}: unknown model fields {unknown}")
-    section = dict(section)
-    if isinstance(section.get("rope_scaling"), dict):
-        section["rope_scaling"] = RopeScalingConfig(**section["rope_scaling"])
-    return ModelConfig(**section)
+    try:  # the trainer's strict loader: unknown, missing and mistyped keys all reported
+        return build_section(ModelConfig, section, "model.", str(path))
+    except ConfigError as err:
+        raise ConversionError(f"{path}: {err}") from None
 
 
 def resolve_checkpoint(path: Path) -> Path:

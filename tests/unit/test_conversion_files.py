@@ -139,7 +139,7 @@ def test_export_errors(tmp_path):
     with pytest.raises(ConversionError, match="config.yaml not found"):
         megatron_to_hf(ckpt, tmp_path / "out")
     (ckpt / "config.yaml").write_text("model:\n  num_layers: 2\n  hidden_sise: 8\n")
-    with pytest.raises(ConversionError, match="unknown model fields \\['hidden_sise'\\]"):
+    with pytest.raises(ConversionError, match="unknown key 'model.hidden_sise'; did you mean 'model.hidden_size'"):
         megatron_to_hf(ckpt, tmp_path / "out")
 
 
