@@ -4,8 +4,8 @@ Resume (``checkpoint.load``): the config saved in the checkpoint (``config.yaml`
 with this run's. Model fields must be equal (``RUN_CHOICE_MODEL_KEYS`` and ``init_method_std``
 excepted: no loaded weight depends on them): each difference is listed in one error. Every other
 difference (batch size, steps, layout, data, ...) is allowed and logged. The learning-rate
-schedule (``SCHEDULE_KEYS``) continues as saved (Megatron's ``use_checkpoint_opt_param_scheduler``):
-a change there is logged as not taking effect. Data may change if its tokenizer vocabulary is the
+schedule (``SCHEDULE_KEYS``) follows this run's config from the resumed step on (Megatron's
+``override_opt_param_scheduler``): a change there is logged as taking effect. Data may change if its tokenizer vocabulary is the
 same size (the saved ``data_meta.json`` against this run's).
 
 Both resume and ``checkpoint.pretrained``: the model tensors the checkpoint holds (names and global
@@ -31,7 +31,7 @@ FREE_MODEL_KEYS = (*RUN_CHOICE_MODEL_KEYS, "init_method_std")
 """Model fields that may change on resume: no loaded weight depends on them."""
 SCHEDULE_KEYS = tuple(f"training.{k}" for k in ("lr", "min_lr", "lr_warmup_steps", "lr_decay_steps", "lr_decay_style",
                                                  "weight_decay"))
-"""Settings the scheduler restores from the checkpoint (a change to them has no effect on resume)."""
+"""Schedule settings: on resume the config's values apply from the resumed step (logged apart)."""
 
 
 def _flatten(config: dict) -> Dict[str, object]:
@@ -112,8 +112,8 @@ def check_resume_config(path: str, cfg: SFTConfig, data_meta: dict, *, eval_only
     if changes and rank0 and not eval_only:
         logger.info("resuming %s with changed settings (allowed):\n  - %s", path, "\n  - ".join(changes))
     if kept and not eval_only and rank0:
-        logger.warning("resuming %s: the learning-rate schedule continues as saved, so these changes have no "
-                       "effect:\n  - %s", path, "\n  - ".join(kept))
+        logger.warning("resuming %s: the learning-rate schedule changes from the resumed step on (this run's "
+                       "values apply):\n  - %s", path, "\n  - ".join(kept))
 
 
 def model_tensor_shapes(sharded_state_dict: dict) -> Dict[str, tuple]:
