@@ -161,14 +161,42 @@ def build_micro_batch(
     Returns the ``context_parallel_rank``'s slice when CP > 1."""
     if not packs:
         raise ValueError("a micro-batch needs at least one pack")
-    from megatron.core.packed_seq_params import PackedSeqParams
-
     conv_multiple, total_multiple = padding_multiples(
         context_parallel_size, tensor_model_parallel_size, sequence_parallel, rank_token_multiple
     )
+    pieces, real_lengths, padded_lengths, num_targets = _conversation_pieces(packs, seq_length, loss_mode,
+                                                                              conv_multiple)
+    target_total = _target_total(sum(padded_lengths), total_multiple, pad_to_length, packs)
+    _pad_tail(pieces, padded_lengths, target_total - sum(padded_lengths))
+
+    cu_real = np.concatenate([[0], np.cumsum(real_lengths)]).astype(np.int32)
+    cu_padded = np.concatenate([[0], np.cumsum(padded_lengths)]).astype(np.int32)
+    arrays = {key: np.concatenate(value) for key, value in pieces.items()}
+    if context_parallel_size > 1:
+        keep = cp_partition_indices(cu_padded, target_total, context_parallel_size, context_parallel_rank)
+        arrays = {key: value[keep] for key, value in arrays.items()}
+
+    def row(values: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(values)).unsqueeze(0)
+
+    return MicroBatch(
+        tokens=row(arrays["tokens"]),
+        labels=row(arrays["labels"]),
+        loss_weight=row(arrays["weight"].astype(np.float32)),
+        position_ids=row(arrays["position"]),
+        source_index=row(arrays["source"]),
+        packed_seq_params=_thd_params(cu_real, cu_padded, int(max(padded_lengths))),
+        num_real_tokens=int(cu_real[-1]),
+        num_targets=num_targets,
+    )
+
+
+def _conversation_pieces(packs: Sequence[Mapping], seq_length: int, loss_mode: str, conv_multiple: int):
+    """Per conversation, its arrays padded to ``conv_multiple``: (pieces by name, real lengths,
+    padded lengths, number of targets). Padding: PAD tokens, no target, weight 0, source -1,
+    positions continuing the conversation's."""
     pieces = {"tokens": [], "labels": [], "weight": [], "position": [], "source": []}
-    real_lengths, padded_lengths = [], []
-    num_targets = 0
+    real_lengths, padded_lengths, num_targets = [], [], 0
     for position, pack in enumerate(packs):
         tokens, loss_mask, cu, source = _check_pack(pack, position, seq_length)
         labels = shift_labels(tokens, loss_mask, cu)
@@ -185,39 +213,43 @@ def build_micro_batch(
             pieces["source"] += [np.full(n, source[i], dtype=np.int64), pad - 1]
             real_lengths.append(n)
             padded_lengths.append(n + n_pad)
+    return pieces, real_lengths, padded_lengths, num_targets
 
-    total = sum(padded_lengths)
+
+def _target_total(total: int, total_multiple: int, pad_to_length: Optional[int], packs: Sequence[Mapping]) -> int:
+    """The micro-batch's padded length: ``total`` rounded up to ``total_multiple``, or the fixed
+    ``pad_to_length`` (ValueError when it is not a multiple or the packs do not fit)."""
     if pad_to_length is None:
-        target_total = -(-total // total_multiple) * total_multiple
-    else:
-        target_total = pad_to_length
-        if pad_to_length % total_multiple:
-            raise ValueError(f"pad_to_length {pad_to_length} must be a multiple of {total_multiple} for this layout")
-        if total > pad_to_length:
-            names = [str(p.get("pack_index", "?")) for p in packs]
-            raise ValueError(
-                f"packs {', '.join(names)} need {total} tokens after per-conversation padding, more than "
-                f"pad_to_length {pad_to_length}; raise pad_to_length"
-            )
-    extra = target_total - total
-    if extra:  # trailing padding belongs to the last conversation's padded segment
-        last = padded_lengths[-1]
-        pieces["tokens"].append(np.full(extra, PAD_TOKEN_ID, dtype=np.int64))
-        pieces["labels"].append(np.full(extra, IGNORE_INDEX, dtype=np.int64))
-        pieces["weight"].append(np.zeros(extra, dtype=np.float32))
-        pieces["position"].append(np.arange(last, last + extra, dtype=np.int64))
-        pieces["source"].append(np.full(extra, -1, dtype=np.int64))
-        padded_lengths[-1] += extra
+        return -(-total // total_multiple) * total_multiple
+    if pad_to_length % total_multiple:
+        raise ValueError(f"pad_to_length {pad_to_length} must be a multiple of {total_multiple} for this layout")
+    if total > pad_to_length:
+        names = [str(p.get("pack_index", "?")) for p in packs]
+        raise ValueError(
+            f"packs {', '.join(names)} need {total} tokens after per-conversation padding, more than "
+            f"pad_to_length {pad_to_length}; raise pad_to_length"
+        )
+    return pad_to_length
 
-    cu_real = np.concatenate([[0], np.cumsum(real_lengths)]).astype(np.int32)
-    cu_padded = np.concatenate([[0], np.cumsum(padded_lengths)]).astype(np.int32)
-    arrays = {key: np.concatenate(value) for key, value in pieces.items()}
-    if context_parallel_size > 1:
-        keep = cp_partition_indices(cu_padded, target_total, context_parallel_size, context_parallel_rank)
-        arrays = {key: value[keep] for key, value in arrays.items()}
 
-    max_seqlen = int(max(padded_lengths))
-    packed_seq_params = PackedSeqParams(
+def _pad_tail(pieces: dict, padded_lengths: list, extra: int) -> None:
+    """Append ``extra`` padding positions; they belong to the last conversation's padded segment."""
+    if not extra:
+        return
+    last = padded_lengths[-1]
+    pieces["tokens"].append(np.full(extra, PAD_TOKEN_ID, dtype=np.int64))
+    pieces["labels"].append(np.full(extra, IGNORE_INDEX, dtype=np.int64))
+    pieces["weight"].append(np.zeros(extra, dtype=np.float32))
+    pieces["position"].append(np.arange(last, last + extra, dtype=np.int64))
+    pieces["source"].append(np.full(extra, -1, dtype=np.int64))
+    padded_lengths[-1] += extra
+
+
+def _thd_params(cu_real: np.ndarray, cu_padded: np.ndarray, max_seqlen: int):
+    """Megatron's PackedSeqParams for THD attention: real and padded cumulative lengths."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    return PackedSeqParams(
         qkv_format="thd",
         cu_seqlens_q=torch.from_numpy(cu_real),
         cu_seqlens_kv=torch.from_numpy(cu_real.copy()),
@@ -225,18 +257,4 @@ def build_micro_batch(
         cu_seqlens_kv_padded=torch.from_numpy(cu_padded.copy()),
         max_seqlen_q=max_seqlen,
         max_seqlen_kv=max_seqlen,
-    )
-
-    def row(values: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(values)).unsqueeze(0)
-
-    return MicroBatch(
-        tokens=row(arrays["tokens"]),
-        labels=row(arrays["labels"]),
-        loss_weight=row(arrays["weight"].astype(np.float32)),
-        position_ids=row(arrays["position"]),
-        source_index=row(arrays["source"]),
-        packed_seq_params=packed_seq_params,
-        num_real_tokens=int(cu_real[-1]),
-        num_targets=num_targets,
     )
