@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -94,6 +95,10 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)  # every rank: the failing one may not be rank 0
         return 1
     finally:
+        # Ending (saved, done or failed): a late SIGTERM (SLURM signals every task, not all at the
+        # same moment) must not kill the process during shutdown, when Python has already put the
+        # default action back, and turn a clean exit into "killed by SIGTERM".
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if trainer is not None:
             trainer.close()
         teardown_model_parallel()
