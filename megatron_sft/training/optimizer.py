@@ -66,10 +66,8 @@ def build_scheduler(cfg: SFTConfig, optimizer) -> OptimizerParamScheduler:
         end_wd=t.weight_decay,
         wd_incr_steps=decay_steps,
         wd_incr_style="constant",
-        # On resume the step count comes from the checkpoint and the schedule's settings from
-        # this run's config (a changed lr or decay takes effect; resume_compat logs it).
-        use_checkpoint_opt_param_scheduler=False,
-        override_opt_param_scheduler=True,
+        use_checkpoint_opt_param_scheduler=True,
+        override_opt_param_scheduler=False,
     )
 
 
