@@ -36,7 +36,8 @@ from megatron_sft.training.inputs import (BatchBuilder, check_tokenizers, descri
 from megatron_sft.training.loss import LossReport, make_loss_func, report_width, summarize
 from megatron_sft.training.metrics import MetricsWriter, memory_gib
 from megatron_sft.training.model_setup import build_model, load_model_state, model_sharded_state_dict
-from megatron_sft.training.optimizer import build_optimizer, build_scheduler, optimizer_step, prepare_for_loading
+from megatron_sft.training.optimizer import (adopt_learning_rates, build_optimizer, build_scheduler, optimizer_step,
+                                           prepare_for_loading)
 from megatron_sft.training.sampler import SampleStream
 
 logger = logging.getLogger("megatron_sft")
@@ -355,6 +356,7 @@ class Trainer:
         prepare_for_loading(self.optimizer)
         loaded = ckpt.load_checkpoint(path, self._state(loading=True, with_rng=same_layout))
         load_model_state(self.model, loaded)
+        adopt_learning_rates(loaded["optimizer"], self.cfg.training.lr, self.cfg.training.min_lr)
         try:
             self.optimizer.load_state_dict(loaded["optimizer"])
         except KeyError as err:

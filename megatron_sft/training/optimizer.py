@@ -66,9 +66,27 @@ def build_scheduler(cfg: SFTConfig, optimizer) -> OptimizerParamScheduler:
         end_wd=t.weight_decay,
         wd_incr_steps=decay_steps,
         wd_incr_style="constant",
-        use_checkpoint_opt_param_scheduler=True,
-        override_opt_param_scheduler=False,
+        # On resume: the step count from the checkpoint, the schedule's settings from this run's
+        # config (a changed lr or decay takes effect; resume_compat logs it).
+        use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=True,
     )
+
+
+def adopt_learning_rates(state_dict, lr: float, min_lr: float) -> None:
+    """Set every saved parameter group's ``max_lr``/``min_lr`` (in a loaded optimizer state, at
+    any depth) to this run's. Megatron finds the saved groups by these values, so without this a
+    resume with another ``training.lr`` cannot load the optimizer moments; with it they load and
+    the scheduler applies the new rates. (One lr for all groups: no per-group multipliers here.)"""
+    if isinstance(state_dict, dict):
+        for group in state_dict.get("param_groups") or []:
+            if isinstance(group, dict) and "max_lr" in group:
+                group.update(max_lr=lr, min_lr=min_lr)
+        for value in state_dict.values():
+            adopt_learning_rates(value, lr, min_lr)
+    elif isinstance(state_dict, (list, tuple)):
+        for value in state_dict:
+            adopt_learning_rates(value, lr, min_lr)
 
 
 def _inner_optimizers(optimizer) -> list:

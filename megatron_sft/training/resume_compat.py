@@ -3,11 +3,10 @@
 Resume (``checkpoint.load``): the config saved in the checkpoint (``config.yaml``) is compared
 with this run's. Model fields must be equal (``RUN_CHOICE_MODEL_KEYS`` and ``init_method_std``
 excepted: no loaded weight depends on them): each difference is listed in one error. Every other
-difference (batch size, steps, layout, data, ...) is allowed and logged, except the learning
-rates (``LR_KEYS``): Megatron's optimizer finds its saved parameter groups by them, so another
-``lr``/``min_lr`` cannot load the optimizer state (an error saying so, not Megatron's traceback).
-The rest of the schedule (``SCHEDULE_KEYS``) continues as saved (Megatron's
-``use_checkpoint_opt_param_scheduler``): a change there is logged as not taking effect. Data may change if its tokenizer vocabulary is the
+difference (batch size, steps, layout, data, ...) is allowed and logged. The learning-rate
+schedule (``SCHEDULE_KEYS``) follows this run's config from the resumed step on (Megatron's
+``override_opt_param_scheduler``; ``optimizer.adopt_learning_rates`` lets the saved optimizer
+state load under another lr): a change there is logged as taking effect. Data may change if its tokenizer vocabulary is the
 same size (the saved ``data_meta.json`` against this run's).
 
 Both resume and ``checkpoint.pretrained``: the model tensors the checkpoint holds (names and global
@@ -33,9 +32,7 @@ FREE_MODEL_KEYS = (*RUN_CHOICE_MODEL_KEYS, "init_method_std")
 """Model fields that may change on resume: no loaded weight depends on them."""
 SCHEDULE_KEYS = tuple(f"training.{k}" for k in ("lr", "min_lr", "lr_warmup_steps", "lr_decay_steps", "lr_decay_style",
                                                  "weight_decay"))
-"""Settings the scheduler restores from the checkpoint (a change to them has no effect on resume)."""
-LR_KEYS = ("training.lr", "training.min_lr")
-"""Keys of Megatron's optimizer parameter groups: a resume must keep them."""
+"""Schedule settings: on resume this run's values apply from the resumed step (logged apart)."""
 
 
 def _flatten(config: dict) -> Dict[str, object]:
@@ -68,8 +65,6 @@ def config_differences(saved: dict, current: dict) -> Tuple[List[str], List[str]
         free = name in FREE_MODEL_KEYS
         if section == "model" and not free:
             errors.append(line)
-        elif key in LR_KEYS:
-            errors.append(f"{line} (the optimizer state is keyed by the learning rates)")
         else:
             (kept if key in SCHEDULE_KEYS else changes).append(line)
     return errors, changes, kept
@@ -112,14 +107,14 @@ def check_resume_config(path: str, cfg: SFTConfig, data_meta: dict, *, eval_only
     if errors:
         lines = "\n  - ".join(errors)
         raise guard.CheckpointError(
-            f"cannot resume from {path}: these differ from the run that saved it and must not:\n  - {lines}\n"
+            f"cannot resume from {path}: the model or tokenizer differs from the one it was trained with:\n  - {lines}\n"
             f"Resume with the checkpoint's values (its config is {config_file}), or start a new run from its weights "
             "with --checkpoint.pretrained (model fields must still match) and a new checkpoint.save")
     if changes and rank0 and not eval_only:
         logger.info("resuming %s with changed settings (allowed):\n  - %s", path, "\n  - ".join(changes))
     if kept and not eval_only and rank0:
-        logger.warning("resuming %s: the learning-rate schedule continues as saved, so these changes have no "
-                       "effect:\n  - %s", path, "\n  - ".join(kept))
+        logger.warning("resuming %s: the learning-rate schedule changes from the resumed step on (this run's "
+                       "values apply):\n  - %s", path, "\n  - ".join(kept))
 
 
 def model_tensor_shapes(sharded_state_dict: dict) -> Dict[str, tuple]:
