@@ -28,7 +28,8 @@ def _worker(root: Path) -> None:
     from megatron_sft.conversion.common import architecture_for, convert_hf_to_megatron
     from megatron_sft.conversion.convert import model_config_from_yaml
     from megatron_sft.conversion.hf_io import SafetensorsReader
-    from megatron_sft.model import build, runtime
+    from megatron_sft import runtime
+    from megatron_sft.model import build
 
     runtime.initialize_distributed()
     parallel = ParallelConfig()
