@@ -23,6 +23,7 @@ import math
 import os
 from typing import Iterable, List, Optional, Tuple
 
+from megatron_sft.atomic import write_text_atomic
 from megatron_sft.errors import InputError, MissingInputError
 
 logger = logging.getLogger("megatron_sft")
@@ -92,10 +93,7 @@ def compact_metrics(path: str) -> None:
     records = dedupe_records(loaded)
     if len(records) == num_lines:
         return
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(r, allow_nan=True) + "\n" for r in records)
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(json.dumps(r, allow_nan=True) + "\n" for r in records))
 
 
 # ---------------------------------------------------------------------------------- console
