@@ -189,6 +189,13 @@ def pack_arrays(pack: dict, seq_length: int, attention: str) -> dict:
 _DOC_MASKS: dict = {}
 
 
+def same_document_causal(doc: torch.Tensor):
+    """flex mask_mod: query q sees key kv when both are in the same conversation and kv <= q."""
+    def mask_mod(b, h, q, kv):
+        return (doc[q] == doc[kv]) & (q >= kv)
+    return mask_mod
+
+
 def document_block_mask(doc_ids: torch.Tensor, device):
     """Same-conversation causal BlockMask of ``doc_ids`` [n].
 
@@ -201,12 +208,8 @@ def document_block_mask(doc_ids: torch.Tensor, device):
     n, key = len(doc_ids), (len(doc_ids), str(device))
     if key not in _DOC_MASKS:
         doc = torch.zeros(n, dtype=torch.int64, device=device)
-
-        def same_document_causal(b, h, q, kv):
-            return (doc[q] == doc[kv]) & (q >= kv)
-
         cuda = torch.device(device).type == "cuda"  # the eager build would materialise S x S
-        _DOC_MASKS[key] = (doc, same_document_causal, torch.compile(create_block_mask) if cuda else create_block_mask)
+        _DOC_MASKS[key] = (doc, same_document_causal(doc), torch.compile(create_block_mask) if cuda else create_block_mask)
     doc, mask_mod, build = _DOC_MASKS[key]
     doc.copy_(doc_ids)
     return build(mask_mod, 1, None, n, n, device)
@@ -219,13 +222,9 @@ def to_device(arrays: dict, mask_kind: str, device) -> dict:
 
     batch = {k: torch.from_numpy(v).to(device, non_blocking=True) for k, v in arrays.items()}
     doc, n = batch["doc_ids"], len(arrays["doc_ids"])
-
-    def same_document_causal(b, h, q, kv):
-        return (doc[q] == doc[kv]) & (q >= kv)
-
     batch["mask"] = None
     if mask_kind == "dense":
-        batch["mask"] = create_mask(same_document_causal, 1, 1, n, n, device)
+        batch["mask"] = create_mask(same_document_causal(doc), 1, 1, n, n, device)
     elif mask_kind == "block":
         batch["mask"] = document_block_mask(doc, device)
     return batch
