@@ -169,8 +169,9 @@ class TrainingConfig:
     """With lm_head=supervised: positions per chunk (its fp32 logits take chunk x vocab/TP x 4 bytes)."""
     fused_kernels: bool = True
     """On GPU: Megatron's fused SwiGLU (bias_activation_fusion), fused RoPE (apply_rope_fusion),
-    fused cross-entropy (lm_head=full) and, with the te backend, the weight gradient accumulated
-    straight into the fp32 main grad (gradient_accumulation_fusion). No effect on CPU."""
+    fused cross-entropy (lm_head=full; with lm_head=supervised its chunk arithmetic compiled by
+    torch.compile) and, with the te backend, the weight gradient accumulated straight into the fp32
+    main grad (gradient_accumulation_fusion). No effect on CPU."""
     fp8: Optional[Literal["tensorwise", "delayed", "blockwise", "mxfp8"]] = None
     """FP8 matmuls in the transformer layers (Transformer Engine, te backend, Hopper or newer) with
     this scaling recipe (Megatron's fp8_recipe; format hybrid: e4m3 forward, e5m2 gradients).

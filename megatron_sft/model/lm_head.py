@@ -10,8 +10,9 @@ of size ``tokens x vocab`` outlives a chunk: memory is O(chunk x vocab / TP) ins
 O(sequence x vocab / TP), and no logits are computed where there is no target.
 
 The numbers are those of Megatron's own path (``output_layer`` + ``vocab_parallel_cross_entropy``,
-whose arithmetic helpers are reused here): same loss, same gradients up to float summation order
-(tests compare both, TP=2 and sequence parallel included).
+whose arithmetic is followed step by step here): same loss, same gradients up to float summation
+order (tests compare both, TP=2 and sequence parallel included). On GPU with
+``training.fused_kernels`` the per-chunk arithmetic is compiled (``chunk_kernels``).
 
 Tensor parallelism: the output weight is split over the vocabulary. Every TP rank holds the same
 positions; each computes logits for its vocabulary slice, the max / sum-exp / target logit are
@@ -22,17 +23,19 @@ the sequence shards under sequence parallelism, by ``gather_from_sequence_parall
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
 
 import megatron_sft.mcore  # noqa: F401  (must precede megatron.core imports)
-from megatron.core.tensor_parallel.cross_entropy import VocabParallelCrossEntropy as VPCE
 from megatron.core.tensor_parallel.mappings import (copy_to_tensor_model_parallel_region,
                                                     gather_from_sequence_parallel_region)
 from megatron.core.tensor_parallel.utils import VocabUtility
+
+from megatron_sft.data.batches import to_device
 
 DEFAULT_CHUNK_TOKENS = 4096
 """Positions per chunk: logits of one chunk take chunk x vocab/TP x 4 bytes (2 GiB at 128K vocab)."""
@@ -51,32 +54,38 @@ class ChunkedVocabParallelCE(torch.autograd.Function):
     fp32 ``main_grad``) the weight gradient is added to ``main_grad`` directly, in fp32."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, target, loss_weight, chunk_tokens: int, tp_group, compute_grad: bool):
+    def forward(ctx, hidden, weight, target, loss_weight, chunk_tokens: int, tp_group, compute_grad: bool,
+                fused: bool = False):
         n = hidden.shape[0]
         rank, size = (dist.get_rank(tp_group), dist.get_world_size(tp_group)) if tp_group is not None else (0, 1)
         vocab_start, vocab_end = VocabUtility.vocab_range_from_per_partition_vocab_size(weight.shape[0], rank, size)
+        kernels = chunk_kernels(fused and hidden.is_cuda)
         token_loss = torch.empty(n, dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if compute_grad else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if compute_grad else None
+        grad_weight = None
         for start in range(0, n, chunk_tokens):
             end = min(n, start + chunk_tokens)
             h = hidden[start:end]
-            logits, logits_max = VPCE.calculate_logits_max(h @ weight.t())  # fp32 copy of the logits
+            logits = h @ weight.t()  # compute dtype; every pass below reads it and works in fp32
+            local_target = target[start:end] - vocab_start
+            in_range = (local_target >= 0) & (local_target < logits.shape[1])
+            local_target = torch.where(in_range, local_target, torch.zeros_like(local_target))
+            logits_max = kernels.row_max(logits)
             _all_reduce(logits_max, dist.ReduceOp.MAX, tp_group, size)
-            target_mask, masked_target, predicted, sum_exp, exp_logits = VPCE.calculate_predicted_logits(
-                logits, target[start:end], logits_max, vocab_start, vocab_end)
+            sum_exp, predicted = kernels.exp_sums(logits, logits_max, local_target, in_range)
             _all_reduce(predicted, dist.ReduceOp.SUM, tp_group, size)
             _all_reduce(sum_exp, dist.ReduceOp.SUM, tp_group, size)
-            softmax, loss = VPCE.calculate_cross_entropy_loss(exp_logits, predicted, sum_exp)
-            token_loss[start:end] = loss
+            token_loss[start:end] = torch.log(sum_exp) - predicted
             if not compute_grad:
                 continue
             # d(sum w*ce)/d logits = w * (softmax - onehot(target)), as Megatron's backward computes it.
-            grad_2d, arange, update, grad_input = VPCE.prepare_gradient_calculation_operands(softmax, target_mask)
-            grad_logits = VPCE.calculate_gradients(grad_2d, arange, masked_target, update, grad_input,
-                                                   loss_weight[start:end]).to(hidden.dtype)
+            grad_logits = kernels.logit_grad(logits, logits_max, sum_exp, local_target, in_range,
+                                             loss_weight[start:end])
+            del logits
             grad_hidden[start:end] = grad_logits @ weight
-            grad_weight += (grad_logits.t() @ h).float()
+            grad_weight = kernels.accumulate_mm(grad_weight, grad_logits.t(), h)
+        if compute_grad and grad_weight is None:  # no positions
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         loss_sum = (token_loss * loss_weight).sum()
         ctx.mark_non_differentiable(token_loss)
         ctx.compute_grad = compute_grad
@@ -99,8 +108,72 @@ class ChunkedVocabParallelCE(torch.autograd.Function):
             # round to the parameter dtype first. (Tied embeddings still get their own gradient
             # through autograd, which DDP's hook adds to the same buffer.)
             main_grad.add_(grad_weight.mul_(scale).to(main_grad.dtype))
-            return grad_hidden, None, None, None, None, None, None
-        return grad_hidden, (grad_weight * scale).to(weight.dtype), None, None, None, None, None
+            return grad_hidden, None, None, None, None, None, None, None
+        return grad_hidden, (grad_weight * scale).to(weight.dtype), None, None, None, None, None, None
+
+
+# The per-chunk arithmetic, in the order of Megatron's VocabParallelCrossEntropy (fp32 logits
+# minus their max, exp, sum; loss = log(sum_exp) - target logit; gradient softmax - onehot, times
+# the weight). Written as three functions over the compute-dtype logits so that, on GPU, each can
+# be one compiled kernel: the eager version materialises ~6 fp32 copies of the chunk's logits
+# (cast, shift, exp, softmax, gradient), the compiled one reads the bf16 logits three times and
+# writes the bf16 gradient once. Between them sit the tensor-parallel all-reduces.
+
+def _row_max(logits: torch.Tensor) -> torch.Tensor:
+    """``[n, v]`` -> fp32 ``[n]``: this rank's max logit per position."""
+    return logits.float().amax(dim=1)
+
+
+def _exp_sums(logits, logits_max, local_target, in_range):
+    """``(sum_j exp(logit_j - max), logit_target - max)`` fp32 ``[n]`` over this rank's vocabulary
+    slice; the target term is 0 where the target lies in another rank's slice."""
+    sum_exp = (logits.float() - logits_max.unsqueeze(1)).exp().sum(dim=1)
+    picked = logits.gather(1, local_target.unsqueeze(1)).squeeze(1).float() - logits_max
+    return sum_exp, torch.where(in_range, picked, torch.zeros_like(picked))
+
+
+def _logit_grad(logits, logits_max, sum_exp, local_target, in_range, loss_weight):
+    """``w * (softmax - onehot(target))`` in the logits' dtype, ``[n, v]``."""
+    softmax = (logits.float() - logits_max.unsqueeze(1)).exp() / sum_exp.unsqueeze(1)
+    columns = torch.arange(logits.shape[1], device=logits.device)
+    onehot = (columns.unsqueeze(0) == local_target.unsqueeze(1)) & in_range.unsqueeze(1)
+    return ((softmax - onehot.float()) * loss_weight.unsqueeze(1)).to(logits.dtype)
+
+
+def _accumulate_mm(acc: Optional[torch.Tensor], a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``acc + a @ b`` in fp32 (``acc`` None: ``a @ b``), the product rounded to ``a``'s dtype first."""
+    product = (a @ b).float()
+    return product if acc is None else acc.add_(product)
+
+
+def _accumulate_mm_fp32(acc: Optional[torch.Tensor], a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``acc + a @ b`` with the product accumulated in fp32 inside the GEMM (cuBLAS ``out_dtype``:
+    no rounded copy of the ``[v, h]`` product and no separate fp32 add)."""
+    if a.dtype == torch.float32:
+        return _accumulate_mm(acc, a, b)
+    if acc is None:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.addmm(acc, a, b, out_dtype=torch.float32)
+
+
+class ChunkKernels(NamedTuple):
+    row_max: Callable
+    exp_sums: Callable
+    logit_grad: Callable
+    accumulate_mm: Callable
+
+
+@functools.lru_cache(maxsize=None)
+def chunk_kernels(fused: bool) -> ChunkKernels:
+    """The chunk arithmetic: eager (CPU, or ``fused`` off), or compiled by ``torch.compile`` with
+    the weight gradient accumulated in fp32 by the GEMM (GPU with ``training.fused_kernels``).
+    Chunk lengths vary (the last chunk of a micro-batch), so the kernels are compiled for dynamic
+    shapes once."""
+    if not fused:
+        return ChunkKernels(_row_max, _exp_sums, _logit_grad, _accumulate_mm)
+    compile_dynamic = functools.partial(torch.compile, dynamic=True, fullgraph=True)
+    return ChunkKernels(compile_dynamic(_row_max), compile_dynamic(_exp_sums), compile_dynamic(_logit_grad),
+                        _accumulate_mm_fp32)
 
 
 def _all_reduce(tensor: torch.Tensor, op, group, size: int) -> None:
@@ -138,10 +211,9 @@ class SupervisedTargets:
                    chunk_tokens=chunk_tokens)
 
     def to(self, device) -> "SupervisedTargets":
-        def move(t):
-            return None if t is None else t.to(device, non_blocking=True)
-        return SupervisedTargets(move(self.positions), move(self.labels), move(self.loss_weight),
-                                 move(self.source_index), self.chunk_tokens)
+        return SupervisedTargets(to_device(self.positions, device), to_device(self.labels, device),
+                                 to_device(self.loss_weight, device), to_device(self.source_index, device),
+                                 self.chunk_tokens)
 
 
 def supervised_head_loss(*, hidden_states: torch.Tensor, output_layer, output_weight: Optional[torch.Tensor],
@@ -165,5 +237,7 @@ def supervised_head_loss(*, hidden_states: torch.Tensor, output_layer, output_we
     flat = hidden_states.transpose(0, 1).reshape(b * s, h)  # labels' [b, s] order
     selected = flat.index_select(0, context.positions)
     compute_grad = torch.is_grad_enabled() and (selected.requires_grad or weight.requires_grad)
+    fused = bool(getattr(config, "cross_entropy_loss_fusion", False))
     return ChunkedVocabParallelCE.apply(selected, weight, context.labels, context.loss_weight,
-                                        context.chunk_tokens, tp_group if tp_size > 1 else None, compute_grad)
+                                        context.chunk_tokens, tp_group if tp_size > 1 else None, compute_grad,
+                                        fused)

@@ -56,12 +56,14 @@ def speed_overrides(cfg: SFTConfig, backend: str) -> dict:
     """TransformerConfig fields for ``training.fused_kernels`` and ``training.fp8`` (GPU only).
 
     Fused RoPE and the fused wgrad accumulation are Transformer Engine kernels, so they need the
-    te backend; fused SwiGLU and cross-entropy are Megatron's own (torch.jit / Triton-free)."""
+    te backend; fused SwiGLU and cross-entropy are Megatron's own (torch.jit / Triton-free).
+    ``cross_entropy_loss_fusion`` also selects the compiled chunk kernels of the supervised head
+    (``model.lm_head.chunk_kernels``)."""
     t, out = cfg.training, {}
     if not torch.cuda.is_available():
         return out
     if t.fused_kernels:
-        out.update(bias_activation_fusion=True, cross_entropy_loss_fusion=t.lm_head == "full")
+        out.update(bias_activation_fusion=True, cross_entropy_loss_fusion=True)
         if backend == "te":
             out.update(apply_rope_fusion=True, gradient_accumulation_fusion=True)
     if t.fp8:
