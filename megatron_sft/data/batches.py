@@ -63,22 +63,35 @@ class MicroBatch:
         return self.labels.clamp(min=0)
 
     def to(self, device) -> "MicroBatch":
-        """Copy of this batch on ``device`` (cu_seqlens included)."""
+        """Copy of this batch on ``device`` (cu_seqlens included). To a GPU the copies go through
+        pinned memory, so they are asynchronous: a copy from pageable memory waits for the GPU to
+        finish all queued work (the previous micro-batch's backward), leaving it idle while the
+        host then queues the next forward."""
         psp = self.packed_seq_params
         moved = {
-            name: getattr(psp, name).to(device, non_blocking=True)
+            name: to_device(getattr(psp, name), device)
             for name in ("cu_seqlens_q", "cu_seqlens_kv", "cu_seqlens_q_padded", "cu_seqlens_kv_padded")
         }
         new_psp = type(psp)(
             qkv_format=psp.qkv_format, max_seqlen_q=psp.max_seqlen_q, max_seqlen_kv=psp.max_seqlen_kv, **moved
         )
         tensors = {
-            name: getattr(self, name).to(device, non_blocking=True)
+            name: to_device(getattr(self, name), device)
             for name in ("tokens", "labels", "loss_weight", "position_ids", "source_index")
         }
         return MicroBatch(
             **tensors, packed_seq_params=new_psp, num_real_tokens=self.num_real_tokens, num_targets=self.num_targets
         )
+
+
+def to_device(tensor: Optional[torch.Tensor], device) -> Optional[torch.Tensor]:
+    """``tensor`` on ``device`` without blocking the host: a CPU tensor bound for a GPU is pinned
+    first (torch's caching host allocator keeps it alive until the copy is done)."""
+    if tensor is None:
+        return None
+    if tensor.device.type == "cpu" and torch.device(device).type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 def padding_multiples(

@@ -81,7 +81,9 @@ class Trainer:
             self._hook_megatron_config()
         self.stream = SampleStream([len(d) for d in self.train_sets], cfg.data.train_weights, cfg.data.seed) \
             if self.train_sets else None
-        self.step, self.skipped_in_row, self._stop, self._saved_step = 0, 0, False, None
+        self.step, self.skipped_in_row, self._saved_step = 0, 0, None
+        self._stop = False  # set by SIGTERM on this rank
+        self._stop_agreed = False  # some rank had it set at the last step's all-reduce
         log_dir = cfg.logging.dir or cfg.checkpoint.save
         self.metrics = MetricsWriter(log_dir, rank=self.rank, tensorboard=cfg.logging.tensorboard,
                                      wandb_project=cfg.logging.wandb_project, wandb_config=config_to_dict(cfg))
@@ -126,7 +128,7 @@ class Trainer:
                 self.evaluate()
             if cfg.checkpoint.save_interval_steps and self.step % cfg.checkpoint.save_interval_steps == 0:
                 self.save()
-            if self._sigterm_received():
+            if self._stop_agreed:
                 logger.info("SIGTERM: saving at step %d and exiting", self.step)
                 if self._saved_step != self.step:
                     self.save()
@@ -145,6 +147,7 @@ class Trainer:
         self.optimizer.zero_grad()
         reports = self._forward_backward(micro_batches, len(names), forward_only=False)
         report, stats = self._global_sums(reports, micro_batches, len(names))
+        self._stop_agreed = stats["stop_requested"]
         loss = summarize(report, names)
         applied, norm = (False, float("nan"))
         # The schedule counts applied updates; update k uses lr(k) (warmup: k/W x lr, never 0).
@@ -222,9 +225,11 @@ class Trainer:
     def _global_sums(self, reports: list, micro_batches, num_sources: int):
         """Sum the loss reports (last stage) and batch statistics over all ranks, each counted
         once: loss sums from TP rank 0 of the last stage (every CP shard), statistics from the
-        (TP 0, CP 0, last stage) rank of each DP replica."""
+        (TP 0, CP 0, last stage) rank of each DP replica. The same all-reduce carries every
+        rank's SIGTERM flag (``stats["stop_requested"]``), so stopping costs no extra host sync
+        per step: the one here is needed anyway (the loss decides whether the update applies)."""
         width = report_width(num_sources)
-        local = torch.zeros(width + 3, dtype=torch.float64)
+        local = torch.zeros(width + 4, dtype=torch.float64)
         last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
         tp0 = parallel_state.get_tensor_model_parallel_rank() == 0
         if last_stage and tp0:
@@ -233,13 +238,15 @@ class Trainer:
             if parallel_state.get_context_parallel_rank() == 0:
                 lengths = [int(n) for b in micro_batches if b.num_real_tokens
                            for n in torch.diff(b.packed_seq_params.cu_seqlens_q).tolist()]
-                local[width:] += torch.tensor([sum(b.num_real_tokens for b in micro_batches),
-                                               sum(b.num_targets for b in micro_batches), causal_pairs(lengths)],
-                                              dtype=torch.float64)
+                local[width:width + 3] += torch.tensor([sum(b.num_real_tokens for b in micro_batches),
+                                                        sum(b.num_targets for b in micro_batches),
+                                                        causal_pairs(lengths)], dtype=torch.float64)
+        local[width + 3] = 1.0 if self._stop else 0.0
         local = local.to(self.device)
         dist.all_reduce(local)
         local = local.cpu()
-        stats = {"tokens": int(local[width]), "targets": int(local[width + 1]), "causal_pairs": int(local[width + 2])}
+        stats = {"tokens": int(local[width]), "targets": int(local[width + 1]), "causal_pairs": int(local[width + 2]),
+                 "stop_requested": bool(local[width + 3] > 0)}
         return local[:width], stats
 
     # ------------------------------------------------------------------ evaluation
@@ -380,12 +387,9 @@ class Trainer:
             signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def _on_sigterm(self, signum, frame) -> None:
-        self._stop = True  # acted on after the current step, on every rank at once
-
-    def _sigterm_received(self) -> bool:
-        flag = torch.tensor([1.0 if self._stop else 0.0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
+        # Every rank learns of it at the next step's all-reduce (``_global_sums``) and stops after
+        # that step, all at once.
+        self._stop = True
 
     def close(self) -> None:
         self.metrics.close()
