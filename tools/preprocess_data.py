@@ -90,8 +90,19 @@ def config_from_args(args: argparse.Namespace) -> CompileConfig:
     )
 
 
+def _skip_transformer_engine() -> None:
+    """Make Megatron-Core import as on a machine without Transformer Engine. This process only
+    writes Megatron's indexed files, and Megatron-Core imports TE whenever it is installed: on an
+    H200 box ``import megatron.core`` took 17 s, 11 s of them TE's CUDA libraries, more than the
+    encoding of 5M tokens with 16 workers (benchmarks/results/preprocess_scaling.md). Megatron-Core
+    treats the ModuleNotFoundError this gives as "TE not installed"."""
+    for name in ("transformer_engine", "transformer_engine_torch"):
+        sys.modules.setdefault(name, None)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    _skip_transformer_engine()
     # Megatron-Core warns on import about optional CUDA packages the preprocessing never uses.
     warnings.filterwarnings("ignore", category=UserWarning, module="megatron")
     logging.basicConfig(format="%(levelname)s: %(message)s", level=logging.WARNING)

@@ -81,3 +81,24 @@ def test_cli_output_and_tokenizer_errors_are_messages(tmp_path):
         read_only = _run(*common, "--tokenizer", tokenizer, "--output-prefix", folder / "sft")
     assert read_only.returncode == 1 and "Traceback" not in read_only.stderr
     assert f"error: {expected} {folder}" in read_only.stderr and "folder you can write to" in read_only.stderr
+
+
+def test_cli_never_imports_transformer_engine(tmp_path, tiny_tokenizer_dir):
+    """Megatron-Core imports Transformer Engine when installed (seconds of CUDA libraries the
+    compiler never uses); the CLI marks it absent. A TE that fails on import must not matter."""
+    fake = tmp_path / "site" / "transformer_engine"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise RuntimeError('transformer_engine was imported')\n")
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps(GOOD) + "\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(REPO_ROOT),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, str(SCRIPT), "--input", str(data), "--tokenizer", str(tiny_tokenizer_dir),
+           "--output-prefix", str(tmp_path / "out"), "--seq-length", "128", "--no-progress"]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "transformer_engine was imported" not in done.stderr
+    # The fake TE is importable in that environment, so the test would catch an import.
+    probe = subprocess.run([sys.executable, "-c", "import transformer_engine"], capture_output=True, text=True,
+                           cwd=REPO_ROOT, timeout=60, env=env)
+    assert "transformer_engine was imported" in probe.stderr
