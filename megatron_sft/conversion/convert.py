@@ -28,6 +28,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from megatron_sft import checkpoint_files
 from megatron_sft.atomic import publish_dir, staging_dir
 from megatron_sft.config import ConfigError, ModelConfig, build_section, model_split_problems
 from megatron_sft.conversion import dist_io, hf_io
@@ -117,12 +118,11 @@ def _check_tokenizer_fits(hf_dir: Path, vocab_size: int) -> None:
 
 
 def _write_manifest(directory: Path) -> None:
-    """The trainer's checksum manifest (``training.checkpoint_guard``) over the top-level files,
+    """The trainer's checksum manifest (``megatron_sft.checkpoint_files``) over the top-level files,
     so ``--checkpoint.pretrained`` verifies a converted model before loading it."""
-    from megatron_sft.training import checkpoint_guard as guard
 
     names = sorted(p.name for p in directory.iterdir() if p.is_file())
-    guard.write_manifest(str(directory), guard.checksum(str(directory), names), 0, "converted", [])
+    checkpoint_files.write_manifest(str(directory), checkpoint_files.checksum(str(directory), names), 0, "converted", [])
 
 
 def _resolve(name_or_path: str, files: str) -> str:
@@ -195,12 +195,10 @@ def model_config_from_yaml(path: Path) -> ModelConfig:
 
 def resolve_checkpoint(path: Path) -> Path:
     """A save dir (its latest iteration), an ``iter_*`` dir or a converted dir -> the dist ckpt dir."""
-    from megatron_sft.training.checkpoint import checkpoint_path
-
     if not Path(path).is_dir():
         raise ConversionError(f"Megatron checkpoint directory {path} does not exist")
     try:
-        return Path(checkpoint_path(str(path)))
+        return Path(checkpoint_files.checkpoint_path(str(path)))
     except (FileNotFoundError, ValueError) as err:
         raise ConversionError(str(err)) from err
 
@@ -230,11 +228,10 @@ def megatron_to_hf(megatron_dir, out_dir, *, tokenizer: Optional[str] = None, dt
                    max_shard_bytes: int = 5 * 1024**3, progress: bool = True) -> Path:
     """Export a Megatron checkpoint to an HF model directory ``out_dir``; returns it. A
     checkpoint whose files differ from its manifest is an error (nothing is written)."""
-    from megatron_sft.training import checkpoint_guard as guard
 
     ckpt = resolve_checkpoint(Path(megatron_dir))
     cfg = model_config_from_yaml(_find_file(CONFIG_YAML, [ckpt, ckpt.parent]) or ckpt / CONFIG_YAML)
-    problems = guard.verify(str(ckpt))
+    problems = checkpoint_files.verify(str(ckpt))
     if problems:
         raise ConversionError(f"cannot read checkpoint {ckpt}: it fails verification ({'; '.join(problems[:5])}); "
                               "restore the file(s) from a copy or export another checkpoint")

@@ -7,7 +7,7 @@ Layout under ``SAVE``::
         config.yaml                    the full resolved config (conversion reads ``model:``)
         data_meta.json                 the train dataset's meta (tokenizer, chat template)
         manifest.json                  size + crc32 of every file, run id, this run's history
-                                       (``checkpoint_guard``); verified before every load
+                                       (``megatron_sft.checkpoint_files``); verified before every load
     SAVE/latest_checkpointed_iteration.txt   "100", replaced last
 
 Atomicity: every rank writes into ``SAVE/iter_0000100.incomplete``; after a barrier rank 0 adds
@@ -39,50 +39,22 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from megatron_sft.atomic import INCOMPLETE_SUFFIX, REPLACED_SUFFIX, publish_dir, staging_dir, write_text_atomic
-from megatron_sft.errors import InputError, MissingInputError
+from megatron_sft.errors import InputError
+from megatron_sft import checkpoint_files
+from megatron_sft.checkpoint_files import LATEST_FILE, iteration_dir, latest_iteration
 from megatron_sft.training import checkpoint_guard as guard
 
 logger = logging.getLogger("megatron_sft")
 
-LATEST_FILE = "latest_checkpointed_iteration.txt"
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
-
-
-def iteration_dir(root: str, iteration: int) -> str:
-    return os.path.join(root, f"iter_{iteration:07d}")
 
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def latest_iteration(root: Optional[str]) -> Optional[int]:
-    """Step of the latest complete checkpoint in ``root``; None when there is none.
-    Raises ValueError when the pointer file is unreadable or names a missing directory."""
-    if not root:
-        return None
-    pointer = os.path.join(root, LATEST_FILE)
-    if not os.path.exists(pointer):
-        return None
-    text = open(pointer).read().strip()
-    if not re.fullmatch(r"\d+", text):
-        raise InputError(f"{pointer} holds {text!r}, not an iteration number: fix or delete it")
-    iteration = int(text)
-    if not os.path.isdir(iteration_dir(root, iteration)):
-        raise InputError(f"{pointer} names iteration {iteration} but {iteration_dir(root, iteration)} is "
-                         "missing: point it at an existing iter_* directory")
-    return iteration
 
 
-def checkpoint_path(directory: str) -> str:
-    """A directory given as a checkpoint: ``SAVE`` (its latest) or one ``iter_*`` / converted dir."""
-    iteration = latest_iteration(directory)
-    if iteration is not None:
-        return iteration_dir(directory, iteration)
-    if os.path.exists(os.path.join(directory, "metadata.json")):
-        return directory
-    raise MissingInputError(f"{directory} is not a checkpoint: no {LATEST_FILE} and no dist_checkpointing "
-                            "metadata.json in it")
 
 
 def rng_state_sharded(rank: int, world_size: int) -> ShardedObject:
@@ -140,10 +112,10 @@ def save_checkpoint(root: str, iteration: int, sharded_state_dict: dict, files: 
 
     def write_shards():
         dist_checkpointing.save(sharded_state_dict, tmp)
-        entries.update(guard.checksum(tmp, guard.own_shard_files(tmp, _rank())))
+        entries.update(checkpoint_files.checksum(tmp, checkpoint_files.own_shard_files(tmp, _rank())))
 
     error = _try(write_shards, tmp)
-    gathered = guard.gather_all((error, entries))
+    gathered = checkpoint_files.gather_all((error, entries))
     error = next((e for e, _ in gathered if e), None)
     if _rank() == 0:
         if error is None:
@@ -179,8 +151,8 @@ def _finish(root: str, iteration: int, tmp: str, files: Dict[str, str], entries:
     for name, text in files.items():
         with open(os.path.join(tmp, name), "w") as f:
             f.write(text)
-    entries.update(guard.checksum(tmp, guard.shared_files(tmp)))
-    guard.write_manifest(tmp, entries, iteration, run_id, history)
+    entries.update(checkpoint_files.checksum(tmp, checkpoint_files.shared_files(tmp)))
+    checkpoint_files.write_manifest(tmp, entries, iteration, run_id, history)
     # Re-saving a step (e.g. SIGTERM right after a periodic save) replaces it; the old copy is put
     # back if the rename fails (the pointer may name it) and pruned once the pointer moved.
     publish_dir(tmp, iteration_dir(root, iteration), keep_replaced=True)
@@ -215,12 +187,12 @@ def claim_save_dir(save: Optional[str], resumed: Optional[str], skipped: List[st
     """Collective: (run id, history) of this run, inherited from checkpoint ``resumed`` (None for
     a fresh start), after checking that ``save`` holds no other run's checkpoints (the ones the
     fallback ``skipped`` count as this run's): a CheckpointError unless ``overwrite``."""
-    manifest = guard.from_rank0(guard.read_manifest(resumed) if resumed and _rank() == 0 else None) or {}
-    run_id = manifest.get("run_id") or guard.from_rank0(guard.new_run_id())
+    manifest = checkpoint_files.from_rank0(checkpoint_files.read_manifest(resumed) if resumed and _rank() == 0 else None) or {}
+    run_id = manifest.get("run_id") or checkpoint_files.from_rank0(guard.new_run_id())
     in_save = bool(resumed and save and os.path.abspath(os.path.dirname(resumed)) == os.path.abspath(save))
     history: List[int] = []
     if in_save:  # a checkpoint saved before manifests existed: its own step starts the history
-        match = guard.ITER_RE.fullmatch(os.path.basename(resumed))
+        match = checkpoint_files.ITER_RE.fullmatch(os.path.basename(resumed))
         history = list(manifest.get("history") or ([int(match.group(1))] if match else []))
     error = None
     if save and _rank() == 0:
@@ -246,8 +218,8 @@ def _candidates(root: str) -> List[str]:
     """Checkpoint dirs of save dir ``root`` to resume from, best first: the pointer's, then older
     ones newest first. Without a pointer (deleted), every ``iter_*`` newest first, with a warning.
     ``root`` itself when it is one checkpoint (an ``iter_*`` dir)."""
-    found = guard.iterations(root)
-    if not found and any(os.path.isfile(os.path.join(root, n)) for n in ("metadata.json", guard.MANIFEST)):
+    found = checkpoint_files.iterations(root)
+    if not found and any(os.path.isfile(os.path.join(root, n)) for n in ("metadata.json", checkpoint_files.MANIFEST)):
         return [root]
     pointer = os.path.join(root, LATEST_FILE)
     if os.path.exists(pointer):
@@ -267,7 +239,7 @@ def resolve_resume(root: str, fallback: bool) -> Tuple[Optional[str], List[str]]
     manifest on every rank, or None when ``root`` holds none; the newer ones skipped). A
     checkpoint that fails verification is a CheckpointError listing each bad file, or, with
     ``fallback``, skipped (logged) for the newest older one that verifies."""
-    candidates = guard.from_rank0(_candidates(root) if _rank() == 0 else None)
+    candidates = checkpoint_files.from_rank0(_candidates(root) if _rank() == 0 else None)
     failed: List[str] = []
     for path in candidates:
         problems = _verify_or_missing(path)
@@ -280,12 +252,12 @@ def resolve_resume(root: str, fallback: bool) -> Tuple[Optional[str], List[str]]
             logger.error("checkpoint %s fails verification:\n  - %s", path, "\n  - ".join(problems))
         failed.append(path)
         if not fallback:
-            raise guard.CheckpointError(
+            raise checkpoint_files.CheckpointError(
                 f"checkpoint {path} fails verification ({'; '.join(problems[:5])}); refusing to resume from it. "
                 f"Restore the file(s) from a copy, or set --checkpoint.fallback_to_previous=true to resume from the "
                 f"newest older checkpoint in {root} that verifies")
     if failed:
-        raise guard.CheckpointError(f"no checkpoint in {root} verifies (tried {', '.join(failed)}): restore one from "
+        raise checkpoint_files.CheckpointError(f"no checkpoint in {root} verifies (tried {', '.join(failed)}): restore one from "
                                     "a copy, or start a new run with another checkpoint.save")
     return None, []
 
@@ -293,14 +265,14 @@ def resolve_resume(root: str, fallback: bool) -> Tuple[Optional[str], List[str]]
 def _verify_or_missing(path: str) -> List[str]:
     if not os.path.isdir(path):
         return [f"{path} is missing (named by {LATEST_FILE})"]
-    return guard.verify(path)
+    return checkpoint_files.verify(path)
 
 
 def verify_or_raise(path: str) -> None:
     """Collective: a CheckpointError listing every problem of checkpoint ``path``, if any."""
     problems = _verify_or_missing(path)
     if problems:
-        raise guard.CheckpointError(f"checkpoint {path} fails verification ({'; '.join(problems[:5])}): restore "
+        raise checkpoint_files.CheckpointError(f"checkpoint {path} fails verification ({'; '.join(problems[:5])}): restore "
                                     "the file(s) from a copy or point at another checkpoint")
 
 
@@ -308,13 +280,13 @@ def load_checkpoint(directory: str, sharded_state_dict: dict) -> dict:
     """Load the shards of ``sharded_state_dict`` from checkpoint ``directory`` (any TP/PP layout).
     Collective. Raises CheckpointError (a ValueError) naming the path on a missing or bad checkpoint."""
     if not os.path.isdir(directory):
-        raise guard.CheckpointError(f"checkpoint directory {directory} does not exist")
+        raise checkpoint_files.CheckpointError(f"checkpoint directory {directory} does not exist")
     try:
         return dist_checkpointing.load(sharded_state_dict, directory)
     except BaseException as err:  # CheckpointingException, torch's CheckpointException (a BaseException), ...
         if _is_fatal(err):
             raise
-        raise guard.CheckpointError(f"cannot load checkpoint {directory}: {_describe(err, directory)}") from err
+        raise checkpoint_files.CheckpointError(f"cannot load checkpoint {directory}: {_describe(err, directory)}") from err
 
 
 def load_common(directory: str) -> dict:
@@ -324,5 +296,5 @@ def load_common(directory: str) -> dict:
     except BaseException as err:
         if _is_fatal(err):
             raise
-        raise guard.CheckpointError(f"cannot read the common state of checkpoint {directory}: "
+        raise checkpoint_files.CheckpointError(f"cannot read the common state of checkpoint {directory}: "
                                     f"{_describe(err, directory)}") from err

@@ -107,10 +107,11 @@ def test_crash_mid_save_leaves_previous_checkpoint_loadable(data, tmp_path, monk
 
 
 def test_save_failure_keeps_the_pointer(tmp_path, monkeypatch):
+    from megatron_sft import checkpoint_files
     from megatron_sft.training import checkpoint as ckpt
 
     (tmp_path / "iter_0000001").mkdir()
-    (tmp_path / ckpt.LATEST_FILE).write_text("1\n")
+    (tmp_path / checkpoint_files.LATEST_FILE).write_text("1\n")
 
     def crash(*args, **kwargs):
         raise RuntimeError("disk full")
@@ -118,7 +119,7 @@ def test_save_failure_keeps_the_pointer(tmp_path, monkeypatch):
     monkeypatch.setattr(ckpt.dist_checkpointing, "save", crash)
     with pytest.raises(ValueError, match="cannot save checkpoint .*iter_0000002: RuntimeError: disk full"):
         ckpt.save_checkpoint(str(tmp_path), 2, {}, {"config.yaml": "x"}, run_id="r", history=[1])
-    assert ckpt.latest_iteration(str(tmp_path)) == 1
+    assert checkpoint_files.latest_iteration(str(tmp_path)) == 1
     assert not (tmp_path / "iter_0000002").exists()
 
 

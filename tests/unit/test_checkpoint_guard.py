@@ -11,6 +11,7 @@ import os
 
 import pytest
 
+from megatron_sft import checkpoint_files
 from megatron_sft.training import checkpoint_guard as guard
 
 
@@ -20,20 +21,20 @@ def fake_checkpoint(root, iteration: int, run_id: str, history, payload: bytes =
     for name, data in (("__0_0.distcp", payload), (".metadata", b"meta"), ("metadata.json", b"{}")):
         with open(os.path.join(path, name), "wb") as f:
             f.write(data)
-    entries = guard.checksum(path, guard.own_shard_files(path, 0) + guard.shared_files(path))
-    guard.write_manifest(path, entries, iteration, run_id, list(history))
+    entries = checkpoint_files.checksum(path, checkpoint_files.own_shard_files(path, 0) + checkpoint_files.shared_files(path))
+    checkpoint_files.write_manifest(path, entries, iteration, run_id, list(history))
     return path
 
 
 def test_verify_names_each_changed_truncated_or_missing_file(tmp_path):
     path = fake_checkpoint(tmp_path, 2, "a", [2])
-    assert guard.verify(path) == []
+    assert checkpoint_files.verify(path) == []
     with open(os.path.join(path, "__0_0.distcp"), "r+b") as f:
         f.seek(2500)
         f.write(b"y")
     os.truncate(os.path.join(path, ".metadata"), 2)
     os.unlink(os.path.join(path, "metadata.json"))
-    problems = guard.verify(path)
+    problems = checkpoint_files.verify(path)
     assert any(p.startswith(os.path.join(path, "__0_0.distcp") + " has crc32") for p in problems)
     assert any(p.startswith(os.path.join(path, ".metadata") + " has 2 bytes, 4 when saved") for p in problems)
     assert os.path.join(path, "metadata.json") + " is missing" in problems
@@ -41,10 +42,10 @@ def test_verify_names_each_changed_truncated_or_missing_file(tmp_path):
 
 def test_an_unreadable_manifest_is_a_problem_not_a_traceback(tmp_path):
     path = fake_checkpoint(tmp_path, 2, "a", [2])
-    with open(os.path.join(path, guard.MANIFEST), "w") as f:
+    with open(os.path.join(path, checkpoint_files.MANIFEST), "w") as f:
         f.write('{"files": ')
-    [problem] = guard.verify(path)
-    assert f"{os.path.join(path, guard.MANIFEST)} is unreadable" in problem
+    [problem] = checkpoint_files.verify(path)
+    assert f"{os.path.join(path, checkpoint_files.MANIFEST)} is unreadable" in problem
 
 
 def test_crc32_streams_in_chunks(tmp_path, monkeypatch):
@@ -52,8 +53,8 @@ def test_crc32_streams_in_chunks(tmp_path, monkeypatch):
 
     data = os.urandom(10_000)
     (tmp_path / "f").write_bytes(data)
-    monkeypatch.setattr(guard, "CHUNK_BYTES", 1024)
-    assert guard.file_crc32(str(tmp_path / "f")) == f"{zlib.crc32(data):08x}"
+    monkeypatch.setattr(checkpoint_files, "CHUNK_BYTES", 1024)
+    assert checkpoint_files.file_crc32(str(tmp_path / "f")) == f"{zlib.crc32(data):08x}"
 
 
 def test_pruning_follows_this_runs_history_never_another_run(tmp_path):
@@ -79,7 +80,7 @@ def test_the_lock_refuses_a_second_holder_and_names_the_first(tmp_path):
     first = guard.SaveDirLock(str(tmp_path / "save"))
     first.acquire()
     try:
-        with pytest.raises(guard.CheckpointError, match=r"is in use by another run \(host .* pid %d" % os.getpid()):
+        with pytest.raises(checkpoint_files.CheckpointError, match=r"is in use by another run \(host .* pid %d" % os.getpid()):
             guard.SaveDirLock(str(tmp_path / "save")).acquire()
     finally:
         first.release()
@@ -102,7 +103,7 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeyp
     from megatron_sft.training import checkpoint as ckpt
 
     previous = fake_checkpoint(tmp_path, 1, "me", [1])
-    (tmp_path / ckpt.LATEST_FILE).write_text("1\n")
+    (tmp_path / checkpoint_files.LATEST_FILE).write_text("1\n")
     before = {name: open(os.path.join(previous, name), "rb").read() for name in os.listdir(previous)}
 
     def disk_full(state, directory):
@@ -111,13 +112,13 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeyp
         raise OSError(errno.ENOSPC, "No space left on device", os.path.join(directory, "__0_0.distcp"))
 
     monkeypatch.setattr(ckpt.dist_checkpointing, "save", disk_full)
-    with pytest.raises(guard.CheckpointError) as err:
+    with pytest.raises(checkpoint_files.CheckpointError) as err:
         ckpt.save_checkpoint(str(tmp_path), 2, {}, {"config.yaml": "x"}, run_id="me", history=[1], keep_last=1)
     message = str(err.value)
     assert f"cannot save checkpoint {tmp_path / 'iter_0000002'}: no space left on {tmp_path}" in message
     assert "still names iteration 1" in message
-    assert ckpt.latest_iteration(str(tmp_path)) == 1
-    assert sorted(os.listdir(tmp_path)) == ["iter_0000001", ckpt.LATEST_FILE]  # no .incomplete left
+    assert checkpoint_files.latest_iteration(str(tmp_path)) == 1
+    assert sorted(os.listdir(tmp_path)) == ["iter_0000001", checkpoint_files.LATEST_FILE]  # no .incomplete left
     assert {name: open(os.path.join(previous, name), "rb").read() for name in os.listdir(previous)} == before
 
 
@@ -146,9 +147,9 @@ def test_resume_candidates_pointer_first_then_older_or_one_iter_dir(tmp_path):
 
     for iteration in (2, 4, 6):
         fake_checkpoint(tmp_path, iteration, "me", [iteration])
-    (tmp_path / ckpt.LATEST_FILE).write_text("4\n")
+    (tmp_path / checkpoint_files.LATEST_FILE).write_text("4\n")
     assert ckpt._candidates(str(tmp_path)) == [str(tmp_path / "iter_0000004"), str(tmp_path / "iter_0000002")]
-    (tmp_path / ckpt.LATEST_FILE).unlink()  # deleted pointer: newest first
+    (tmp_path / checkpoint_files.LATEST_FILE).unlink()  # deleted pointer: newest first
     assert ckpt._candidates(str(tmp_path))[0] == str(tmp_path / "iter_0000006")
     one = str(tmp_path / "iter_0000002")  # one iter_* dir given as checkpoint.load
     assert ckpt._candidates(one) == [one]
