@@ -10,7 +10,7 @@ each: tools/launch/preprocess_array.sbatch) it writes shard I as PREFIX_shardI; 
 reports with tools/merge_reports.py PREFIX and train on the shards as a blend. Exit code 0 on
 success, 1 when the run stopped (bad record under --on-error fail, unusable tokenizer or chat
 template, nothing kept, output prefix exists without --overwrite, disk full / read-only / no
-permission at the output), 2 for invalid flags.
+permission at the output), 2 for invalid flags or --config files.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import dataclasses
 import logging
 import os
 import sys
+import types
 import typing
 import warnings
 
@@ -32,7 +33,7 @@ from megatron_sft.data.compiler import CompileConfig, CompileError, compile_data
 from megatron_sft.data.readers import MissingExtraError  # noqa: E402
 from megatron_sft.errors import SFTError  # noqa: E402
 
-ALIASES = {  # spellings older than the generated flags, kept: dotted setting -> its other flag
+ALIASES = {  # flags spelled otherwise than their settings, kept from before the generated ones
     "inputs": "--input",
     "format_keys.messages": "--messages-key",
     "format_keys.conversations": "--conversations-key",
@@ -52,11 +53,13 @@ def _settings(cls=CompileConfig, prefix: str = ""):
 
 
 def _flags(dotted: str, tp) -> list[str]:
-    """``seq_length`` -> ``--seq-length``, ``format_keys.from_`` -> ``--format-keys.from``; a bool
-    setting gets both ``--NAME`` and ``--no-NAME``; an alias comes first (it names the setting)."""
+    """``seq_length`` -> ``--seq-length``, ``format_keys.from_`` -> ``--format-keys.from``, an
+    alias instead where there is one (not both: ``--inp`` must stay an unambiguous abbreviation);
+    a bool setting gets both ``--NAME`` and ``--no-NAME``."""
+    if dotted in ALIASES:
+        return [ALIASES[dotted]]
     name = "--" + ".".join(part.strip("_").replace("_", "-") for part in dotted.split("."))
-    flags = [name, "--no-" + name[2:]] if tp is bool else [name]
-    return [ALIASES[dotted], *flags] if dotted in ALIASES else flags
+    return [name, "--no-" + name[2:]] if tp is bool else [name]
 
 
 class _Setting(argparse.Action):
@@ -91,7 +94,7 @@ def _flag_value(tp, text: str):
     """A flag's text as the value a YAML file would give: kept as is for a str setting, split at
     commas for a list (``--input a.jsonl,b.jsonl``), else read as a YAML scalar (``4096``, ``0.5``);
     a wrong type is left for the loader to report."""
-    if typing.get_origin(tp) in (typing.Union, type(int | None)):  # Optional: the flag gives a value
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):  # Optional: the flag gives a value
         tp = next(arg for arg in typing.get_args(tp) if arg is not type(None))
     if tp is str:
         return text

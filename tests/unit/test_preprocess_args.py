@@ -52,6 +52,8 @@ def test_required_flags_alone_give_the_defaults(files):
     ratios = _config("--input", "a.jsonl,b.jsonl", "--tokenizer", "t", "--output-prefix", "o", "--seq-length", "8",
                      "--mixture-ratios", "1,2").mixture_ratios
     assert ratios == [1.0, 2.0] and all(type(r) is float for r in ratios)
+    # argparse's abbreviations keep working: each old flag is still the only one with its prefix
+    assert _config("--inp", "a.jsonl", "--tok", "tok", "--output-p", "o", "--seq-l", "64") == config
 
 
 def test_yaml_files_in_order_then_flags_override(files):
