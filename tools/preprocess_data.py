@@ -10,84 +10,118 @@ each: tools/launch/preprocess_array.sbatch) it writes shard I as PREFIX_shardI; 
 reports with tools/merge_reports.py PREFIX and train on the shards as a blend. Exit code 0 on
 success, 1 when the run stopped (bad record under --on-error fail, unusable tokenizer or chat
 template, nothing kept, output prefix exists without --overwrite, disk full / read-only / no
-permission at the output), 2 for invalid flags.
+permission at the output), 2 for invalid flags or --config files.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
+import types
+import typing
 import warnings
+
+import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_sft.data.chat_masks import MASK_MODES  # noqa: E402
+from megatron_sft.config.loader import field_docs, field_summary, load_section, yaml_layers  # noqa: E402
 from megatron_sft.data.compiler import CompileConfig, CompileError, compile_dataset, format_summary  # noqa: E402
-from megatron_sft.data.formats import FormatKeys  # noqa: E402
 from megatron_sft.data.readers import MissingExtraError  # noqa: E402
 from megatron_sft.errors import SFTError  # noqa: E402
 
+ALIASES = {  # flags spelled otherwise than their settings, kept from before the generated ones
+    "inputs": "--input",
+    "format_keys.messages": "--messages-key",
+    "format_keys.conversations": "--conversations-key",
+    "format_keys.tools": "--tools-key",
+}
 
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+def _settings(cls=CompileConfig, prefix: str = ""):
+    """``(dotted name, type, field, docstring)`` of every setting, nested sections flattened
+    (``format_keys.messages``): what the flags, their help and the loader's checks come from."""
+    hints, docs = typing.get_type_hints(cls), field_docs(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from _settings(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", hints[f.name], f, docs.get(f.name, "")
+
+
+def _flags(dotted: str, tp) -> list[str]:
+    """``seq_length`` -> ``--seq-length``, ``format_keys.from_`` -> ``--format-keys.from``, an
+    alias instead where there is one (not both: ``--inp`` must stay an unambiguous abbreviation);
+    a bool setting gets both ``--NAME`` and ``--no-NAME``."""
+    if dotted in ALIASES:
+        return [ALIASES[dotted]]
+    name = "--" + ".".join(part.strip("_").replace("_", "-") for part in dotted.split("."))
+    return [name, "--no-" + name[2:]] if tp is bool else [name]
+
+
+class _Setting(argparse.Action):
+    """Records ``(flag as typed, dotted setting, raw text)`` in command-line order; the loader
+    converts and checks the values, together with those of the --config files."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if self.nargs == 0:
+            values = not option_string.startswith("--no-")
+        namespace.settings = [*namespace.settings, (option_string, self.dest, values)]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--input", required=True, help="input file(s), comma-separated; .jsonl/.json/.parquet/HF folder")
-    p.add_argument("--tokenizer", required=True, help="tokenizer folder or Hugging Face name")
-    p.add_argument("--output-prefix", required=True, help="output path prefix")
-    p.add_argument("--seq-length", type=int, required=True, help="pack capacity in real tokens")
-    p.add_argument("--chat-template", help="Jinja chat template file replacing the tokenizer's")
-    p.add_argument("--mode", default="assistant", choices=MASK_MODES, help="supervised turns")
-    p.add_argument("--workers", type=int, default=1, help="encoding processes (output identical for any value)")
-    p.add_argument("--on-error", default="fail", choices=["fail", "skip"], help="stop at the first bad record, or count and skip")
-    p.add_argument("--overlength", default="drop", choices=["drop", "truncate"], help="conversations longer than --seq-length")
-    p.add_argument("--mixture-ratios", type=_floats, help="one ratio per input, e.g. 1.0,0.5")
-    p.add_argument("--pseudo-multiturn-prob", type=float, default=0.0, help="chance a single-turn conversation joins the previous one")
-    p.add_argument("--pseudo-multiturn-max-turns", type=int, default=1, help="most single-turn conversations merged into one")
-    p.add_argument("--seed", type=int, default=1234, help="seed of sampling, merging, packing and pack order")
-    p.add_argument("--messages-key", default="messages", help="record key of OpenAI-style messages")
-    p.add_argument("--conversations-key", default="conversations", help="record key of ShareGPT-style conversations")
-    p.add_argument("--tools-key", default="tools", help="record key of the tool schemas")
-    p.add_argument("--limit", type=int, help="read only the first N records")
-    p.add_argument("--num-shards", type=int, default=1, help="split the run into N shards (one per SLURM array task)")
-    p.add_argument("--shard-index", type=int, default=0,
-                   help="shard to write (0..N-1): conversations whose first record index %% N is this; "
-                   "output PREFIX_shard<index>")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing file set at --output-prefix (without it an existing one is an error)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    intro, _, more = __doc__.partition("\n\n")
+    p = argparse.ArgumentParser(description=intro, epilog=more.partition("\n\n")[2],  # not the example
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", action="append", default=[], metavar="FILE.yaml",
+                   help="settings by their names below with underscores (seq_length: 4096, inputs: [a.jsonl], "
+                   "format_keys: {messages: history}); repeatable, later files win, flags win over files")
+    p.set_defaults(settings=[])
+    for dotted, tp, f, doc in _settings():
+        summary = field_summary(tp, f)
+        if dotted in ("inputs", "mixture_ratios"):
+            summary += "; comma-separated"
+        p.add_argument(*_flags(dotted, tp), dest=dotted, action=_Setting, nargs=0 if tp is bool else None,
+                       default=argparse.SUPPRESS, metavar=dotted.rsplit(".", 1)[-1].strip("_").upper(),
+                       help=f"{doc} ({summary})".replace("%", "%%"))
     return p.parse_args(argv)
 
 
+def _flag_value(tp, text: str):
+    """A flag's text as the value a YAML file would give: kept as is for a str setting, split at
+    commas for a list (``--input a.jsonl,b.jsonl``), else read as a YAML scalar (``4096``, ``0.5``);
+    a wrong type is left for the loader to report."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):  # Optional: the flag gives a value
+        tp = next(arg for arg in typing.get_args(tp) if arg is not type(None))
+    if tp is str:
+        return text
+    if typing.get_origin(tp) is list:
+        return [_flag_value(typing.get_args(tp)[0], part) for part in text.split(",") if part]
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
 def config_from_args(args: argparse.Namespace) -> CompileConfig:
-    return CompileConfig(
-        inputs=[p for p in args.input.split(",") if p],
-        tokenizer=args.tokenizer,
-        output_prefix=args.output_prefix,
-        seq_length=args.seq_length,
-        chat_template=args.chat_template,
-        mode=args.mode,
-        workers=args.workers,
-        on_error=args.on_error,
-        overlength=args.overlength,
-        mixture_ratios=args.mixture_ratios,
-        pseudo_multiturn_prob=args.pseudo_multiturn_prob,
-        pseudo_multiturn_max_turns=args.pseudo_multiturn_max_turns,
-        seed=args.seed,
-        format_keys=FormatKeys(messages=args.messages_key, conversations=args.conversations_key, tools=args.tools_key),
-        limit=args.limit,
-        num_shards=args.num_shards,
-        shard_index=args.shard_index,
-        progress=not args.no_progress,
-        overwrite=args.overwrite,
-    )
+    """The --config files in order, then the flags in order (later wins), built strictly, then
+    checked across fields. Raises ConfigError or InputError (both SFTError), listing every issue."""
+    types = {dotted: tp for dotted, tp, _, _ in _settings()}
+    layers = yaml_layers(args.config)
+    for flag, dotted, text in args.settings:
+        value = text if isinstance(text, bool) else _flag_value(types[dotted], text)
+        for part in reversed(dotted.split(".")):
+            value = {part: value}
+        layers.append((flag, value))
+    fixes = {dotted: f"pass {_flags(dotted, tp)[0]} or give {dotted}: in a --config file"
+             for dotted, tp, f, _ in _settings()
+             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    config = load_section(CompileConfig, layers, fixes=fixes)
+    config.validate()  # compile_dataset checks again; here a test can call it without compiling
+    return config
 
 
 def _skip_transformer_engine() -> None:

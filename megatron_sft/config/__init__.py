@@ -3,7 +3,8 @@
 - ``schema``: the sections (dataclasses), a docstring under every field (it doubles as
   ``--help``), derived values (``ModelConfig.query_groups``, ``head_dim``) as properties.
 - ``loader``: ``load_config`` (YAML files + ``--section.key=value`` overrides, model section from
-  ``checkpoint.pretrained``), every issue at once; ``config_help``, ``config_to_yaml``.
+  ``checkpoint.pretrained``), every issue at once; ``load_section`` (any config dataclass from
+  ordered layers of dicts, e.g. the preprocessing settings); ``config_help``, ``config_to_yaml``.
 - ``checks``: cross-field rules, including the model-split, world-size and attention-backend
   rules that the runtime, the model spec and the converters ask too.
 
@@ -37,6 +38,9 @@ from megatron_sft.config.loader import (  # noqa: F401
     config_help,
     config_to_dict,
     build_section,
+    field_summary,
+    load_section,
+    yaml_layers,
     config_to_yaml,
     field_docs,
     load_config,

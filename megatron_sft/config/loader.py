@@ -9,7 +9,9 @@ import dataclasses
 import difflib
 import inspect
 import os
+import re
 import textwrap
+import types
 import typing
 from typing import Dict, List, Literal, Optional, Sequence, Tuple, Union
 
@@ -30,6 +32,7 @@ class ConfigError(SFTError, ValueError):
 
 
 _INVALID = object()  # a value that failed conversion (already reported)
+_UNIONS = (Union, types.UnionType)  # Optional[int] and, in modules with PEP 604 hints, int | None
 
 
 def load_config(
@@ -50,10 +53,7 @@ def load_config(
     a model value also given explicitly must equal it (``RUN_CHOICE_MODEL_KEYS`` excepted).
     Raises ConfigError listing every issue at once (unknown keys name their file)."""
     issues: List[str] = []
-    paths = [paths] if isinstance(paths, str) else list(paths or [])
-    layers = [(path, _read_yaml(path, issues)) for path in paths]
-    if issues:  # an unreadable file: what is missing from it would be reported as noise
-        raise ConfigError(issues)
+    layers = yaml_layers(paths)
     cli: dict = {}
     for dotted, value in parse_overrides(overrides, issues):
         _set_dotted(cli, dotted, value, issues)
@@ -83,11 +83,61 @@ def build_section(cls, raw: object, prefix: str, source: str):
     """One config section (a dataclass, e.g. ModelConfig) from a mapping, as strictly as
     ``load_config`` builds the whole tree: unknown keys (named with ``source``), missing keys and
     bad types are one ConfigError listing every issue. For tools that read one section."""
+    return load_section(cls, [(source, raw)], prefix=prefix)
+
+
+def load_section(cls, layers: Sequence[Tuple[str, object]], *, prefix: str = "",
+                 fixes: Optional[Dict[str, str]] = None):
+    """Dataclass ``cls`` from ``layers``, ``(source, mapping)`` pairs in order (a file path, a
+    flag, "the command line"), merged as ``load_config`` merges: later wins key by key. Unknown
+    keys are named with their source, a value of the wrong type with the source that set it last,
+    a missing required key with ``fixes[key]`` when given (how to give it, e.g. the flag).
+    Raises one ConfigError listing every issue."""
     issues: List[str] = []
-    section = _build(cls, _known_keys(cls, raw, prefix, source, issues), prefix, issues)
+    raw: dict = {}
+    origin: Dict[str, str] = {}  # dotted key -> the source that set it last
+    for source, layer in layers:
+        if not isinstance(layer, dict):
+            where = prefix.rstrip(".") or "the top level"
+            issues.append(f"{source}: {where}: expected a mapping of {cls.__name__} fields, got {layer!r}")
+            continue
+        layer = _known_keys(cls, layer, prefix, source, issues)
+        _deep_merge(raw, layer)
+        origin.update(dict.fromkeys(_leaf_paths(layer, prefix), source))
+    build_issues: List[str] = []
+    section = _build(cls, raw, prefix, build_issues)
+    issues.extend(_with_source(issue, origin, fixes or {}) for issue in build_issues)
     if issues:
         raise ConfigError(issues)
     return section
+
+
+def yaml_layers(paths: Union[str, Sequence[str], None]) -> List[Tuple[str, dict]]:
+    """``(path, mapping)`` of each YAML file, in order; one ConfigError naming every unreadable
+    one (what would be missing from it is not reported: that would be noise)."""
+    issues: List[str] = []
+    paths = [paths] if isinstance(paths, str) else list(paths or [])
+    layers = [(path, _read_yaml(path, issues)) for path in paths]
+    if issues:
+        raise ConfigError(issues)
+    return layers
+
+
+_ISSUE_KEY = re.compile(r"^(missing required key )?'([^']+)'")  # the issues _build and _convert write
+
+
+def _with_source(issue: str, origin: Dict[str, str], fixes: Dict[str, str]) -> str:
+    """``issue`` prefixed with the source of the value it names, or followed by the fix of the
+    required key it misses."""
+    match = _ISSUE_KEY.match(issue)
+    if not match:
+        return issue
+    dotted = re.sub(r"\[\d+\]", "", match.group(2))  # 'inputs[1]' was set with 'inputs'
+    if match.group(1):
+        return f"{issue}: {fixes[dotted]}" if dotted in fixes else issue
+    while dotted not in origin and "." in dotted:  # set as a whole section (``format_keys: {}``)
+        dotted = dotted.rsplit(".", 1)[0]
+    return f"{origin[dotted]}: {issue}" if dotted in origin else issue
 
 
 def _read_yaml(path: str, issues: List[str]) -> dict:
@@ -270,6 +320,7 @@ def _build(cls, raw: object, prefix: str, issues: List[str]):
         raw = {}
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls)}
+    reported = len(issues)
     for key in raw:
         if key not in known:  # load_config drops these first, naming their file
             issues.append(_unknown_key(prefix, key, list(known)))
@@ -286,7 +337,14 @@ def _build(cls, raw: object, prefix: str, issues: List[str]):
                 doc = field_docs(cls).get(name, "")
                 issues.append(f"missing required key '{dotted}' ({doc.splitlines()[0] if doc else name})")
                 kwargs[name] = None
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except SFTError as err:  # the section's own check, e.g. FormatKeys' role_map targets
+        issues.append(f"{where}: {err}")
+    except (TypeError, ValueError, AttributeError):
+        if len(issues) == reported:  # not a None standing in for a reported value: a bug
+            raise
+    return None
 
 
 def _convert(tp, value, dotted: str, issues: List[str]):
@@ -299,7 +357,7 @@ def _convert(tp, value, dotted: str, issues: List[str]):
 
 def _try_convert(tp, value, dotted: str, issues: List[str]):
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is Union:
+    if origin in _UNIONS:
         if value is None:
             return None if type(None) in args else _INVALID
         for arg in args:
@@ -318,6 +376,8 @@ def _try_convert(tp, value, dotted: str, issues: List[str]):
             return _INVALID
         items = [_try_convert(args[0], v, f"{dotted}[{i}]", issues) for i, v in enumerate(value)]
         return _INVALID if any(v is _INVALID for v in items) else items
+    if origin is tuple:
+        return _to_tuple(args, value, dotted, issues)
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, dotted + ".", issues) if isinstance(value, dict) else _INVALID
     if tp is bool:
@@ -329,6 +389,19 @@ def _try_convert(tp, value, dotted: str, issues: List[str]):
     if tp is str:
         return value if isinstance(value, str) else _INVALID
     raise TypeError(f"unsupported config field type {tp} at {dotted}")  # a bug in this module
+
+
+def _to_tuple(args: tuple, value, dotted: str, issues: List[str]):
+    # YAML has no tuples: a list, or a mapping as its (key, value) pairs (FormatKeys.role_map).
+    if isinstance(value, dict):
+        value = [list(pair) for pair in value.items()]
+    if not isinstance(value, (list, tuple)):
+        return _INVALID
+    item_types = [args[0]] * len(value) if args[-1:] == (Ellipsis,) else list(args)
+    if len(item_types) != len(value):
+        return _INVALID
+    items = [_try_convert(t, v, f"{dotted}[{i}]", issues) for i, (t, v) in enumerate(zip(item_types, value))]
+    return _INVALID if any(v is _INVALID for v in items) else tuple(items)
 
 
 def _to_float(value):
@@ -347,12 +420,14 @@ def _to_float(value):
 
 def _type_name(tp) -> str:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is Union:
+    if origin in _UNIONS:
         return " or ".join(_type_name(a) for a in args)
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in args)
     if origin in (list, List):
         return f"a list of {_type_name(args[0])}"
+    if origin is tuple:
+        return f"a list of {_type_name(args[0])}" if args[-1:] == (Ellipsis,) else f"a list ({', '.join(map(_type_name, args))})"
     if tp is type(None):
         return "null"
     if dataclasses.is_dataclass(tp):
@@ -389,15 +464,20 @@ def config_help(cls=None, prefix: str = "") -> str:
             lines.append(f"\n[{prefix}{f.name}] {inspect.cleandoc(tp.__doc__ or '')}")
             lines.append(config_help(tp, f"{prefix}{f.name}."))
             continue
-        if f.default is not dataclasses.MISSING:
-            default = f"default {f.default!r}"
-        elif f.default_factory is not dataclasses.MISSING:
-            default = "default {}"
-        else:
-            default = "required"
-        lines.append(f"  --{prefix}{f.name} ({_type_name(tp)}; {default})")
+        lines.append(f"  --{prefix}{f.name} ({field_summary(tp, f)})")
         lines.extend("      " + line for line in docs.get(f.name, "").splitlines())
     return "\n".join(lines)
+
+
+def field_summary(tp, f: dataclasses.Field) -> str:
+    """``"int; default 1"`` or ``"a list of str; required"``: field ``f`` of type ``tp`` in help."""
+    if f.default is not dataclasses.MISSING:
+        default = f"default {f.default!r}"
+    elif f.default_factory is not dataclasses.MISSING:
+        default = "default {}"
+    else:
+        default = "required"
+    return f"{_type_name(tp)}; {default}"
 
 
 def config_to_dict(cfg) -> dict:

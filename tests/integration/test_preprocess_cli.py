@@ -46,6 +46,13 @@ def test_cli_skip_fail_and_bad_flags(tmp_path, tiny_tokenizer_dir):
     assert bad_flags.returncode == 2
     assert "--mixture-ratios has 2 values for 1 inputs" in bad_flags.stderr and "--workers must be >= 1" in bad_flags.stderr
 
+    bad_config = tmp_path / "bad.yaml"
+    bad_config.write_text("seq_lenght: 64\n")
+    bad_values = _run("--config", bad_config, *common, "--seq-length", "abc")  # flags win over files
+    assert bad_values.returncode == 2 and "Traceback" not in bad_values.stderr
+    assert f"{bad_config}: unknown key 'seq_lenght'" in bad_values.stderr
+    assert "--seq-length: 'seq_length' = 'abc': expected int" in bad_values.stderr
+
 
 def test_cli_output_and_tokenizer_errors_are_messages(tmp_path):
     """One run per message family of issue 8 class 6; each fails before loading anything heavy."""

@@ -419,3 +419,35 @@ def test_interleaved_pipeline_needs_micro_batches_in_groups_of_pp(tmp_path):
     assert any("gives 3 micro-batches per data-parallel rank" in i and "multiple of 2" in i for i in issues), issues
     cfg = load_config(write(tmp_path), layout + ["--training.global_batch_size=4"], world_size=2, has_cuda=False)
     assert cfg.training.global_batch_size == 4
+
+
+def test_load_section_merges_layers_in_order_and_names_each_source():
+    from megatron_sft.config import load_section
+    from megatron_sft.data.compile_settings import CompileConfig
+    from megatron_sft.data.formats import FormatKeys
+
+    base = {"inputs": ["a"], "tokenizer": "t", "output_prefix": "o", "seq_length": 8,
+            "format_keys": {"messages": "history", "role_map": {"human": "user", "bot": "assistant"}}}
+    config = load_section(CompileConfig, [("base.yaml", base), ("over.yaml", {"format_keys": {"tools": "fns"}}),
+                                          ("--limit", {"limit": 3})])
+    assert config.format_keys == FormatKeys(messages="history", tools="fns",
+                                            role_map=(("bot", "assistant"), ("human", "user")))
+    assert config.limit == 3 and config.seq_length == 8  # ``int | None`` (PEP 604) converts like Optional
+
+    layers = [("base.yaml", {**base, "limit": "x"}), ("over.yaml", {"sed": 1, "format_keys": {"role_map": {"a": "b"}}}),
+              ("--seq-length", {"seq_length": "abc"})]
+    with pytest.raises(ConfigError) as err:
+        load_section(CompileConfig, layers, fixes={"tokenizer": "pass --tokenizer"})
+    assert err.value.issues == [
+        "over.yaml: unknown key 'sed'; did you mean 'seed'?",
+        "--seq-length: 'seq_length' = 'abc': expected int",
+        "format_keys: role_map targets must be one of ('system', 'user', 'assistant', 'tool', 'tool_call'); got a->b",
+        "base.yaml: 'limit' = 'x': expected int or null",
+    ]
+    with pytest.raises(ConfigError) as err:
+        load_section(CompileConfig, [("f.yaml", {"inputs": "a", "format_keys": {"role_map": 3}})],
+                     fixes={"tokenizer": "pass --tokenizer"})
+    issues = err.value.issues
+    assert issues[0] == "f.yaml: 'inputs' = 'a': expected a list of str"
+    assert issues[1].startswith("missing required key 'tokenizer'") and issues[1].endswith(": pass --tokenizer")
+    assert "f.yaml: 'format_keys.role_map' = 3: expected a list of a list (str, str)" in issues
