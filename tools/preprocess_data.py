@@ -28,7 +28,7 @@ import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_sft.config.loader import field_docs, field_summary, load_section, yaml_layers  # noqa: E402
+from megatron_sft.config import field_docs, field_summary, load_section, yaml_layers  # noqa: E402
 from megatron_sft.data.compiler import CompileConfig, CompileError, compile_dataset, format_summary  # noqa: E402
 from megatron_sft.data.readers import MissingExtraError  # noqa: E402
 from megatron_sft.errors import SFTError  # noqa: E402

@@ -4,7 +4,8 @@
   ``--help``), derived values (``ModelConfig.query_groups``, ``head_dim``) as properties.
 - ``loader``: ``load_config`` (YAML files + ``--section.key=value`` overrides, model section from
   ``checkpoint.pretrained``), every issue at once; ``load_section`` (any config dataclass from
-  ordered layers of dicts, e.g. the preprocessing settings); ``config_help``, ``config_to_yaml``.
+  ordered layers of dicts, e.g. the preprocessing settings); ``config_to_yaml``.
+- ``docs``: field docstrings, type names and the ``--help`` text built from them.
 - ``checks``: cross-field rules, including the model-split, world-size and attention-backend
   rules that the runtime, the model spec and the converters ask too.
 
@@ -32,17 +33,15 @@ from megatron_sft.config.checks import (  # noqa: F401
     te_installed,
     world_size_problem,
 )
+from megatron_sft.config.docs import config_help, field_docs, field_summary  # noqa: F401
 from megatron_sft.config.loader import (  # noqa: F401
     ConfigError,
     RUN_CHOICE_MODEL_KEYS,
-    config_help,
     config_to_dict,
     build_section,
-    field_summary,
     load_section,
     yaml_layers,
     config_to_yaml,
-    field_docs,
     load_config,
     parse_overrides,
     pretrained_config_file,

@@ -1,17 +1,14 @@
 """Loading: YAML files + ``--section.key=value`` overrides -> ``SFTConfig``, strictly (unknown keys
-named with their file), every issue reported at once; ``--help`` text from the field docs."""
+named with their file), every issue reported at once; ``load_section`` does the same for any
+config dataclass (the data compiler's settings). ``--help`` text: ``config.docs``."""
 
 from __future__ import annotations
 
-import ast
 import copy
 import dataclasses
 import difflib
-import inspect
 import os
 import re
-import textwrap
-import types
 import typing
 from typing import Dict, List, Literal, Optional, Sequence, Tuple, Union
 
@@ -19,6 +16,7 @@ import yaml
 
 from megatron_sft.errors import SFTError
 from megatron_sft.config.checks import check_config
+from megatron_sft.config.docs import UNIONS, field_docs, type_name
 from megatron_sft.config.schema import ModelConfig, SFTConfig
 
 
@@ -32,7 +30,6 @@ class ConfigError(SFTError, ValueError):
 
 
 _INVALID = object()  # a value that failed conversion (already reported)
-_UNIONS = (Union, types.UnionType)  # Optional[int] and, in modules with PEP 604 hints, int | None
 
 
 def load_config(
@@ -351,13 +348,13 @@ def _convert(tp, value, dotted: str, issues: List[str]):
     """Convert one YAML value to type ``tp``; report and return _INVALID when it does not fit."""
     result = _try_convert(tp, value, dotted, issues)
     if result is _INVALID:
-        issues.append(f"'{dotted}' = {value!r}: expected {_type_name(tp)}")
+        issues.append(f"'{dotted}' = {value!r}: expected {type_name(tp)}")
     return result
 
 
 def _try_convert(tp, value, dotted: str, issues: List[str]):
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in _UNIONS:
+    if origin in UNIONS:
         if value is None:
             return None if type(None) in args else _INVALID
         for arg in args:
@@ -416,68 +413,6 @@ def _to_float(value):
         except ValueError:
             return _INVALID
     return _INVALID
-
-
-def _type_name(tp) -> str:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in _UNIONS:
-        return " or ".join(_type_name(a) for a in args)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in args)
-    if origin in (list, List):
-        return f"a list of {_type_name(args[0])}"
-    if origin is tuple:
-        return f"a list of {_type_name(args[0])}" if args[-1:] == (Ellipsis,) else f"a list ({', '.join(map(_type_name, args))})"
-    if tp is type(None):
-        return "null"
-    if dataclasses.is_dataclass(tp):
-        return f"a mapping ({tp.__name__})"
-    return getattr(tp, "__name__", str(tp))
-
-
-def field_docs(cls) -> Dict[str, str]:
-    """The docstring written under each field of dataclass ``cls`` (parsed from its source)."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body
-    docs = {}
-    for stmt, nxt in zip(body, body[1:]):
-        if (
-            isinstance(stmt, ast.AnnAssign)
-            and isinstance(stmt.target, ast.Name)
-            and isinstance(nxt, ast.Expr)
-            and isinstance(getattr(nxt, "value", None), ast.Constant)
-            and isinstance(nxt.value.value, str)
-        ):
-            docs[stmt.target.id] = inspect.cleandoc(nxt.value.value)
-    return docs
-
-
-def config_help(cls=None, prefix: str = "") -> str:
-    """``--help`` text: every ``--section.key`` with its type, default and docstring."""
-    cls = cls or SFTConfig
-    hints = typing.get_type_hints(cls)
-    docs = field_docs(cls)
-    lines = []
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            lines.append(f"\n[{prefix}{f.name}] {inspect.cleandoc(tp.__doc__ or '')}")
-            lines.append(config_help(tp, f"{prefix}{f.name}."))
-            continue
-        lines.append(f"  --{prefix}{f.name} ({field_summary(tp, f)})")
-        lines.extend("      " + line for line in docs.get(f.name, "").splitlines())
-    return "\n".join(lines)
-
-
-def field_summary(tp, f: dataclasses.Field) -> str:
-    """``"int; default 1"`` or ``"a list of str; required"``: field ``f`` of type ``tp`` in help."""
-    if f.default is not dataclasses.MISSING:
-        default = f"default {f.default!r}"
-    elif f.default_factory is not dataclasses.MISSING:
-        default = "default {}"
-    else:
-        default = "required"
-    return f"{_type_name(tp)}; {default}"
 
 
 def config_to_dict(cfg) -> dict:
