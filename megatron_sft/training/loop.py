@@ -58,6 +58,11 @@ def skip_reason(loss: float, norm: float) -> str:
     return f"the optimizer rejected the update (loss {loss:.6g}, grad_norm {norm:.6g})"
 
 
+STEP_STATS = ("tokens", "targets", "causal_pairs", "stop_requested")
+"""What a step sums over the ranks besides the loss report: real tokens, supervised targets,
+causal attention pairs (for FLOPs), and how many ranks got a SIGTERM."""
+
+
 class Trainer:
     """Holds everything a run needs; ``train()`` and ``evaluate()`` are the two entry points."""
 
@@ -228,27 +233,30 @@ class Trainer:
         once: loss sums from TP rank 0 of the last stage (every CP shard), statistics from the
         (TP 0, CP 0, last stage) rank of each DP replica. The same all-reduce carries every
         rank's SIGTERM flag (``stats["stop_requested"]``), so stopping costs no extra host sync
-        per step: the one here is needed anyway (the loss decides whether the update applies)."""
-        width = report_width(num_sources)
-        local = torch.zeros(width + 4, dtype=torch.float64)
+        per step: the one here is needed anyway (the loss decides whether the update applies).
+        Returns ``(report, stats)``: the summed report (``loss.summarize`` reads it) and
+        ``STEP_STATS`` by name."""
+        report = torch.zeros(report_width(num_sources), dtype=torch.float64)
+        stats = dict.fromkeys(STEP_STATS, 0.0)
         last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
         tp0 = parallel_state.get_tensor_model_parallel_rank() == 0
         if last_stage and tp0:
             for r in reports:
-                local[:width] += r["sums"].double().cpu()
+                report += r["sums"].double().cpu()
             if parallel_state.get_context_parallel_rank() == 0:
                 lengths = [int(n) for b in micro_batches if b.num_real_tokens
                            for n in torch.diff(b.packed_seq_params.cu_seqlens_q).tolist()]
-                local[width:width + 3] += torch.tensor([sum(b.num_real_tokens for b in micro_batches),
-                                                        sum(b.num_targets for b in micro_batches),
-                                                        causal_pairs(lengths)], dtype=torch.float64)
-        local[width + 3] = 1.0 if self._stop else 0.0
+                stats.update(tokens=sum(b.num_real_tokens for b in micro_batches),
+                             targets=sum(b.num_targets for b in micro_batches), causal_pairs=causal_pairs(lengths))
+        stats["stop_requested"] = 1.0 if self._stop else 0.0
+        local = torch.cat([report, torch.tensor([stats[k] for k in STEP_STATS], dtype=torch.float64)])
         local = local.to(self.device)
         dist.all_reduce(local)
         local = local.cpu()
-        stats = {"tokens": int(local[width]), "targets": int(local[width + 1]), "causal_pairs": int(local[width + 2]),
-                 "stop_requested": bool(local[width + 3] > 0)}
-        return local[:width], stats
+        report, summed = local[:report.numel()], local[report.numel():].tolist()
+        stats = {name: int(value) for name, value in zip(STEP_STATS, summed)}
+        stats["stop_requested"] = stats["stop_requested"] > 0
+        return report, stats
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> LossReport:
