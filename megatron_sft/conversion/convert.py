@@ -20,9 +20,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import typing
 import warnings
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Literal, Optional
 
 import torch
 import yaml
@@ -43,7 +44,8 @@ from megatron_sft.conversion.common import (
     convert_megatron_to_hf,
 )
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DtypeName = Literal["bf16", "fp16", "fp32"]
+DTYPES = dict(zip(typing.get_args(DtypeName), (torch.bfloat16, torch.float16, torch.float32)))
 DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 HF_CONFIG = "hf_config.json"
 HF_GENERATION_CONFIG = "hf_generation_config.json"

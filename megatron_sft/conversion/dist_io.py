@@ -11,8 +11,9 @@ from __future__ import annotations
 import contextlib
 import re
 import tempfile
+import typing
 from pathlib import Path
-from typing import Dict, Iterator, List, Sequence, Tuple
+from typing import Dict, Iterator, List, Literal, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -70,7 +71,10 @@ def whole_tensor(key: str, tensor: torch.Tensor) -> ShardedTensor:
     return ShardedTensor.from_rank_offsets(key, tensor, replica_id=0)
 
 
-LAYER_LAYOUTS = ("per-layer", "stacked")
+LayerLayout = Literal["per-layer", "stacked"]
+"""``per-layer``: keys decoder.layers.N.* (canonical); ``stacked``: decoder.layers.* (Megatron's
+default sharded state dict without non_homogeneous_layers)."""
+LAYER_LAYOUTS = typing.get_args(LayerLayout)
 
 
 def save_model(tensors: Dict[str, torch.Tensor], out_dir: Path, layer_layout: str = "per-layer") -> None:
