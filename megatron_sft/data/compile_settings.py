@@ -6,8 +6,9 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
+from typing import Literal
 
-from megatron_sft.data.chat_masks import MASK_MODES
+from megatron_sft.data.chat_masks import MASK_MODES, MaskMode
 from megatron_sft.data.formats import FormatKeys
 from megatron_sft.data.reports import shard_prefix
 from megatron_sft.errors import InputError
@@ -28,13 +29,13 @@ class CompileConfig:
     """Pack capacity in real tokens."""
     chat_template: str | None = None
     """Path of a Jinja chat template file replacing the tokenizer's own."""
-    mode: str = "assistant"
+    mode: MaskMode = "assistant"
     """Which turns are supervised: assistant | all | last_assistant."""
     workers: int = 1
     """Encoding processes; the output is byte-identical for any value."""
-    on_error: str = "fail"
+    on_error: Literal["fail", "skip"] = "fail"
     """fail: stop at the first bad record; skip: count it under its reason and go on."""
-    overlength: str = "drop"
+    overlength: Literal["drop", "truncate"] = "drop"
     """Conversations longer than seq_length: drop (reason too_long) or truncate (keep the head)."""
     mixture_ratios: list[float] | None = None
     """One ratio per input (1.0 = as is, 0.5 = a seeded half, 2.0 = every record twice)."""
