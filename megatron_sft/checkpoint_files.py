@@ -45,11 +45,11 @@ class CheckpointError(SFTError, ValueError):
 # ------------------------------------------------------------------------------ collectives
 
 
-def _world() -> int:
+def global_world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def _rank() -> int:
+def global_rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
@@ -187,7 +187,7 @@ def verify(directory: str) -> List[str]:
     file), the same list on every rank; [] when it verifies. The files are split over the ranks.
     Without a manifest only the files dist_checkpointing needs are checked to exist."""
     problems, manifest = [], None
-    if _rank() == 0:
+    if global_rank() == 0:
         try:
             manifest = read_manifest(directory)
         except CheckpointError as err:
@@ -198,11 +198,11 @@ def verify(directory: str) -> List[str]:
     if manifest is None:
         needed = ["metadata.json", ".metadata"]
         missing = [os.path.join(directory, n) for n in needed if not os.path.isfile(os.path.join(directory, n))]
-        if _rank() == 0 and not missing:
+        if global_rank() == 0 and not missing:
             logger.warning("%s has no %s (saved before manifests existed): loading it unverified", directory, MANIFEST)
         return [f"{path} is missing" for path in missing]
     names = sorted(manifest["files"])
-    mine = [n for i, n in enumerate(names) if i % _world() == _rank()]
+    mine = [n for i, n in enumerate(names) if i % global_world_size() == global_rank()]
     local = [p for p in (_check_file(directory, n, manifest["files"][n]) for n in mine) if p]
     return sorted(p for rank_problems in gather_all(local) for p in rank_problems)
 

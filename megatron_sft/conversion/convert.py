@@ -29,7 +29,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from megatron_sft import checkpoint_files
+from megatron_sft.checkpoint_files import checkpoint_path, checksum, verify, write_manifest
 from megatron_sft.atomic import publish_dir, staging_dir
 from megatron_sft.config import ConfigError, ModelConfig, build_section, model_split_problems
 from megatron_sft.conversion import dist_io, hf_io
@@ -124,7 +124,7 @@ def _write_manifest(directory: Path) -> None:
     so ``--checkpoint.pretrained`` verifies a converted model before loading it."""
 
     names = sorted(p.name for p in directory.iterdir() if p.is_file())
-    checkpoint_files.write_manifest(str(directory), checkpoint_files.checksum(str(directory), names), 0, "converted", [])
+    write_manifest(str(directory), checksum(str(directory), names), 0, "converted", [])
 
 
 def _resolve(name_or_path: str, files: str) -> str:
@@ -200,7 +200,7 @@ def resolve_checkpoint(path: Path) -> Path:
     if not Path(path).is_dir():
         raise ConversionError(f"Megatron checkpoint directory {path} does not exist")
     try:
-        return Path(checkpoint_files.checkpoint_path(str(path)))
+        return Path(checkpoint_path(str(path)))
     except (FileNotFoundError, ValueError) as err:
         raise ConversionError(str(err)) from err
 
@@ -233,7 +233,7 @@ def megatron_to_hf(megatron_dir, out_dir, *, tokenizer: Optional[str] = None, dt
 
     ckpt = resolve_checkpoint(Path(megatron_dir))
     cfg = model_config_from_yaml(_find_file(CONFIG_YAML, [ckpt, ckpt.parent]) or ckpt / CONFIG_YAML)
-    problems = checkpoint_files.verify(str(ckpt))
+    problems = verify(str(ckpt))
     if problems:
         raise ConversionError(f"cannot read checkpoint {ckpt}: it fails verification ({'; '.join(problems[:5])}); "
                               "restore the file(s) from a copy or export another checkpoint")

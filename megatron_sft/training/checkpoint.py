@@ -32,7 +32,6 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 import megatron_sft.mcore  # noqa: F401  (must precede megatron.core imports)
 from megatron.core import dist_checkpointing
@@ -40,17 +39,15 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from megatron_sft.atomic import INCOMPLETE_SUFFIX, REPLACED_SUFFIX, publish_dir, staging_dir, write_text_atomic
 from megatron_sft.errors import InputError
-from megatron_sft import checkpoint_files
-from megatron_sft.checkpoint_files import LATEST_FILE, iteration_dir, latest_iteration
+from megatron_sft.checkpoint_files import (ITER_RE, LATEST_FILE, MANIFEST, CheckpointError, checksum, from_rank0,
+                                          gather_all, global_rank, iteration_dir, iterations, latest_iteration,
+                                          own_shard_files, read_manifest, shared_files, verify, write_manifest)
 from megatron_sft.training import checkpoint_guard as guard
 
 logger = logging.getLogger("megatron_sft")
 
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
 
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
 
 
 
@@ -106,18 +103,18 @@ def save_checkpoint(root: str, iteration: int, sharded_state_dict: dict, files: 
     and every earlier checkpoint are left as they were."""
     final = iteration_dir(root, iteration)
     tmp = final + INCOMPLETE_SUFFIX
-    error = _try(lambda: staging_dir(final), tmp) if _rank() == 0 else None
+    error = _try(lambda: staging_dir(final), tmp) if global_rank() == 0 else None
     guard.raise_if_any(error and _save_failed(root, final, error))
     entries: dict = {}
 
     def write_shards():
         dist_checkpointing.save(sharded_state_dict, tmp)
-        entries.update(checkpoint_files.checksum(tmp, checkpoint_files.own_shard_files(tmp, _rank())))
+        entries.update(checksum(tmp, own_shard_files(tmp, global_rank())))
 
     error = _try(write_shards, tmp)
-    gathered = checkpoint_files.gather_all((error, entries))
+    gathered = gather_all((error, entries))
     error = next((e for e, _ in gathered if e), None)
-    if _rank() == 0:
+    if global_rank() == 0:
         if error is None:
             for _, rank_entries in gathered:
                 entries.update(rank_entries)
@@ -151,8 +148,8 @@ def _finish(root: str, iteration: int, tmp: str, files: Dict[str, str], entries:
     for name, text in files.items():
         with open(os.path.join(tmp, name), "w") as f:
             f.write(text)
-    entries.update(checkpoint_files.checksum(tmp, checkpoint_files.shared_files(tmp)))
-    checkpoint_files.write_manifest(tmp, entries, iteration, run_id, history)
+    entries.update(checksum(tmp, shared_files(tmp)))
+    write_manifest(tmp, entries, iteration, run_id, history)
     # Re-saving a step (e.g. SIGTERM right after a periodic save) replaces it; the old copy is put
     # back if the rename fails (the pointer may name it) and pruned once the pointer moved.
     publish_dir(tmp, iteration_dir(root, iteration), keep_replaced=True)
@@ -187,15 +184,15 @@ def claim_save_dir(save: Optional[str], resumed: Optional[str], skipped: List[st
     """Collective: (run id, history) of this run, inherited from checkpoint ``resumed`` (None for
     a fresh start), after checking that ``save`` holds no other run's checkpoints (the ones the
     fallback ``skipped`` count as this run's): a CheckpointError unless ``overwrite``."""
-    manifest = checkpoint_files.from_rank0(checkpoint_files.read_manifest(resumed) if resumed and _rank() == 0 else None) or {}
-    run_id = manifest.get("run_id") or checkpoint_files.from_rank0(guard.new_run_id())
+    manifest = from_rank0(read_manifest(resumed) if resumed and global_rank() == 0 else None) or {}
+    run_id = manifest.get("run_id") or from_rank0(guard.new_run_id())
     in_save = bool(resumed and save and os.path.abspath(os.path.dirname(resumed)) == os.path.abspath(save))
     history: List[int] = []
     if in_save:  # a checkpoint saved before manifests existed: its own step starts the history
-        match = checkpoint_files.ITER_RE.fullmatch(os.path.basename(resumed))
+        match = ITER_RE.fullmatch(os.path.basename(resumed))
         history = list(manifest.get("history") or ([int(match.group(1))] if match else []))
     error = None
-    if save and _rank() == 0:
+    if save and global_rank() == 0:
         skipped_abs = {os.path.abspath(p) for p in skipped}
         foreign = [p for p in guard.foreign_checkpoints(save, run_id, adopt_unowned=in_save and not manifest)
                    if os.path.abspath(p) not in skipped_abs]
@@ -218,8 +215,8 @@ def _candidates(root: str) -> List[str]:
     """Checkpoint dirs of save dir ``root`` to resume from, best first: the pointer's, then older
     ones newest first. Without a pointer (deleted), every ``iter_*`` newest first, with a warning.
     ``root`` itself when it is one checkpoint (an ``iter_*`` dir)."""
-    found = checkpoint_files.iterations(root)
-    if not found and any(os.path.isfile(os.path.join(root, n)) for n in ("metadata.json", checkpoint_files.MANIFEST)):
+    found = iterations(root)
+    if not found and any(os.path.isfile(os.path.join(root, n)) for n in ("metadata.json", MANIFEST)):
         return [root]
     pointer = os.path.join(root, LATEST_FILE)
     if os.path.exists(pointer):
@@ -239,54 +236,54 @@ def resolve_resume(root: str, fallback: bool) -> Tuple[Optional[str], List[str]]
     manifest on every rank, or None when ``root`` holds none; the newer ones skipped). A
     checkpoint that fails verification is a CheckpointError listing each bad file, or, with
     ``fallback``, skipped (logged) for the newest older one that verifies."""
-    candidates = checkpoint_files.from_rank0(_candidates(root) if _rank() == 0 else None)
+    candidates = from_rank0(_candidates(root) if global_rank() == 0 else None)
     failed: List[str] = []
     for path in candidates:
         problems = _verify_or_missing(path)
         if not problems:
-            if failed and _rank() == 0:
+            if failed and global_rank() == 0:
                 logger.warning("checkpoint.fallback_to_previous=true: resuming from %s, the newest checkpoint that "
                                "verifies (skipped: %s)", path, ", ".join(failed))
             return path, failed
-        if _rank() == 0:
+        if global_rank() == 0:
             logger.error("checkpoint %s fails verification:\n  - %s", path, "\n  - ".join(problems))
         failed.append(path)
         if not fallback:
-            raise checkpoint_files.CheckpointError(
+            raise CheckpointError(
                 f"checkpoint {path} fails verification ({'; '.join(problems[:5])}); refusing to resume from it. "
                 f"Restore the file(s) from a copy, or set --checkpoint.fallback_to_previous=true to resume from the "
                 f"newest older checkpoint in {root} that verifies")
     if failed:
-        raise checkpoint_files.CheckpointError(f"no checkpoint in {root} verifies (tried {', '.join(failed)}): restore one from "
-                                    "a copy, or start a new run with another checkpoint.save")
+        raise CheckpointError(f"no checkpoint in {root} verifies (tried {', '.join(failed)}): restore one from "
+                              "a copy, or start a new run with another checkpoint.save")
     return None, []
 
 
 def _verify_or_missing(path: str) -> List[str]:
     if not os.path.isdir(path):
         return [f"{path} is missing (named by {LATEST_FILE})"]
-    return checkpoint_files.verify(path)
+    return verify(path)
 
 
 def verify_or_raise(path: str) -> None:
     """Collective: a CheckpointError listing every problem of checkpoint ``path``, if any."""
     problems = _verify_or_missing(path)
     if problems:
-        raise checkpoint_files.CheckpointError(f"checkpoint {path} fails verification ({'; '.join(problems[:5])}): restore "
-                                    "the file(s) from a copy or point at another checkpoint")
+        raise CheckpointError(f"checkpoint {path} fails verification ({'; '.join(problems[:5])}): restore "
+                              "the file(s) from a copy or point at another checkpoint")
 
 
 def load_checkpoint(directory: str, sharded_state_dict: dict) -> dict:
     """Load the shards of ``sharded_state_dict`` from checkpoint ``directory`` (any TP/PP layout).
     Collective. Raises CheckpointError (a ValueError) naming the path on a missing or bad checkpoint."""
     if not os.path.isdir(directory):
-        raise checkpoint_files.CheckpointError(f"checkpoint directory {directory} does not exist")
+        raise CheckpointError(f"checkpoint directory {directory} does not exist")
     try:
         return dist_checkpointing.load(sharded_state_dict, directory)
     except BaseException as err:  # CheckpointingException, torch's CheckpointException (a BaseException), ...
         if _is_fatal(err):
             raise
-        raise checkpoint_files.CheckpointError(f"cannot load checkpoint {directory}: {_describe(err, directory)}") from err
+        raise CheckpointError(f"cannot load checkpoint {directory}: {_describe(err, directory)}") from err
 
 
 def load_common(directory: str) -> dict:
@@ -296,5 +293,5 @@ def load_common(directory: str) -> dict:
     except BaseException as err:
         if _is_fatal(err):
             raise
-        raise checkpoint_files.CheckpointError(f"cannot read the common state of checkpoint {directory}: "
-                                    f"{_describe(err, directory)}") from err
+        raise CheckpointError(f"cannot read the common state of checkpoint {directory}: "
+                              f"{_describe(err, directory)}") from err

@@ -26,7 +26,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_sft.config import SFTConfig, as_list, config_to_dict, config_to_yaml
 from megatron_sft.errors import InputError, SFTError
 from megatron_sft.model.lm_head import SupervisedTargets, supervised_head_loss
-from megatron_sft import checkpoint_files
+from megatron_sft.checkpoint_files import CheckpointError, checkpoint_path
 from megatron_sft.training import checkpoint as ckpt
 from megatron_sft.training import checkpoint_guard as guard
 from megatron_sft.training import resume_compat as compat
@@ -318,7 +318,7 @@ class Trainer:
         if self.rank == 0:
             try:
                 lock.acquire()
-            except checkpoint_files.CheckpointError as err:
+            except CheckpointError as err:
                 error = str(err)
         guard.raise_if_any(error)
         return lock
@@ -330,8 +330,8 @@ class Trainer:
         if c.load and os.path.isdir(c.load):
             resumed, skipped = ckpt.resolve_resume(c.load, c.fallback_to_previous)
         if resumed is None and self.eval_only and c.load:
-            raise checkpoint_files.CheckpointError(f"--eval-only: checkpoint.load={c.load} holds no checkpoint to evaluate: "
-                                        "point it at a save directory or one iter_* directory")
+            raise CheckpointError(f"--eval-only: checkpoint.load={c.load} holds no checkpoint to evaluate: "
+                                  "point it at a save directory or one iter_* directory")
         # before any weight is read: a save directory of another run is refused at once
         self.run_id, self.history = ckpt.claim_save_dir(None if self.eval_only else c.save, resumed, skipped,
                                                         c.overwrite)
@@ -347,12 +347,12 @@ class Trainer:
         if not c.load or os.path.isdir(c.load):
             return
         if self.eval_only or not c.save or os.path.abspath(c.load) != os.path.abspath(c.save):
-            raise checkpoint_files.CheckpointError(f"checkpoint.load={c.load} does not exist: fix the path, or unset "
-                                        "checkpoint.load (set it equal to checkpoint.save to start a run that "
-                                        "resumes itself)")
+            raise CheckpointError(f"checkpoint.load={c.load} does not exist: fix the path, or unset "
+                                  "checkpoint.load (set it equal to checkpoint.save to start a run that "
+                                  "resumes itself)")
 
     def _load_pretrained(self, directory: str) -> None:
-        path = checkpoint_files.checkpoint_path(directory)
+        path = checkpoint_path(directory)
         ckpt.verify_or_raise(path)
         compat.check_model_tensors(path, model_sharded_state_dict(self.model), "checkpoint.pretrained")
         load_model_state(self.model, ckpt.load_checkpoint(path, model_sharded_state_dict(self.model)))

@@ -24,7 +24,7 @@ from typing import Dict, List, Tuple
 import yaml
 
 from megatron_sft.config import RUN_CHOICE_MODEL_KEYS, SFTConfig, config_to_dict
-from megatron_sft import checkpoint_files
+from megatron_sft.checkpoint_files import CheckpointError, gather_all, global_rank
 from megatron_sft.training import checkpoint_guard as guard
 
 logger = logging.getLogger("megatron_sft")
@@ -91,7 +91,7 @@ def check_resume_config(path: str, cfg: SFTConfig, data_meta: dict, *, eval_only
     """Every rank (reads two small files, logs on rank 0): raise CheckpointError listing every model difference
     between checkpoint ``path``'s saved config and ``cfg``; log the allowed changes."""
     config_file = os.path.join(path, "config.yaml")
-    rank0 = checkpoint_files._rank() == 0
+    rank0 = global_rank() == 0
     if not os.path.isfile(config_file):
         if rank0:
             logger.warning("%s has no config.yaml: cannot compare its settings with this run's", path)
@@ -107,7 +107,7 @@ def check_resume_config(path: str, cfg: SFTConfig, data_meta: dict, *, eval_only
         changes += notes
     if errors:
         lines = "\n  - ".join(errors)
-        raise checkpoint_files.CheckpointError(
+        raise CheckpointError(
             f"cannot resume from {path}: the model or tokenizer differs from the one it was trained with:\n  - {lines}\n"
             f"Resume with the checkpoint's values (its config is {config_file}), or start a new run from its weights "
             "with --checkpoint.pretrained (model fields must still match) and a new checkpoint.save")
@@ -155,10 +155,10 @@ def check_model_tensors(path: str, model_state: dict, what: str) -> None:
     differ from this model's (all pipeline stages together). ``what`` names the config key.
     ``model_state``: a fresh ``model_sharded_state_dict`` (its factories are built here)."""
     ours: Dict[str, tuple] = {}
-    for rank_shapes in checkpoint_files.gather_all(model_tensor_shapes(model_state)):
+    for rank_shapes in gather_all(model_tensor_shapes(model_state)):
         ours.update(rank_shapes)
     error = None
-    if checkpoint_files._rank() == 0:
+    if global_rank() == 0:
         try:
             problems = shape_differences(ours, checkpoint_tensor_shapes(path))
         except Exception as err:  # an unreadable .metadata: verification normally reports it first
