@@ -1,7 +1,7 @@
 """GPU checks of the compiled kernels: the supervised head's chunk kernels
 (``training.fused_kernels``) give the loss and gradients of the eager arithmetic (Megatron's order
 of operations), bf16 and fp32, with a last chunk of another length; the float64 gradient
-sum of squares equals the CPU float64 sum."""
+sum of squares equals the CPU float64 sum; batch copies to the GPU do not wait for queued work."""
 
 from __future__ import annotations
 
@@ -51,3 +51,20 @@ def test_compiled_sum_of_squares_is_float64_exact():
     want = sum(float((g.cpu().double() ** 2).sum()) for g in grads)
     assert got.dtype == torch.float64
     assert abs(float(got) - want) <= 1e-12 * want, (float(got), want)
+
+
+def test_batch_copies_to_the_gpu_do_not_wait_for_queued_work():
+    """``data.batches.to_device`` goes through pinned memory: a copy from pageable memory would
+    wait until the GPU drained its queue (the previous micro-batch's backward) before returning."""
+    from megatron_sft.data.batches import to_device
+
+    x = torch.arange(1 << 20)
+    to_device(x, "cuda")  # first use: the pinned block is allocated and cached
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)  # ~1 s of work queued on the current stream
+    queued = torch.cuda.Event()
+    queued.record()
+    y = to_device(x, "cuda")
+    assert not queued.query(), "the copy waited for the queued GPU work"
+    torch.cuda.synchronize()
+    assert torch.equal(y.cpu(), x)
