@@ -115,7 +115,9 @@ def main() -> int:
     gpu = ["--training.bf16=true"] if torch.cuda.is_available() else []
     overrides = [*gpu, f"--data.train_prefix={out / 'data' / 'train'}", f"--data.valid_prefix={out / 'data' / 'valid'}",
                  f"--checkpoint.save={save}", f"--training.train_steps={args.train_steps}",
-                 f"--training.eval_interval_steps={max(args.train_steps // 4, 1)}"]
+                 f"--training.eval_interval_steps={max(args.train_steps // 4, 1)}",
+                 # the recipe warms up 20 steps; a shorter run warms up its first tenth
+                 f"--training.lr_warmup_steps={min(20, args.train_steps // 10)}"]
     sh([sys.executable, REPO / "pretrain_sft.py", "--config", CONFIG, *overrides])
     result = sh([sys.executable, REPO / "pretrain_sft.py", "--config", CONFIG, *overrides, "--eval-only",
                  f"--checkpoint.load={save}"], stdout=subprocess.PIPE, text=True)
