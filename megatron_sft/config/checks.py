@@ -185,9 +185,14 @@ def _check_devices(cfg, has_cuda, has_te, issues):
     if t.recompute_modules is not None and t.recompute_granularity != "selective":
         issues.append(f"training.recompute_modules only applies to selective recompute "
                       f"(recompute_granularity={t.recompute_granularity!r}): unset it or set selective")
-    if t.recompute_granularity != "full" and (t.recompute_method or t.recompute_num_layers):
-        issues.append(f"training.recompute_method/recompute_num_layers only apply to full recompute "
-                      f"(recompute_granularity={t.recompute_granularity!r}): unset them")
+    if t.recompute_granularity != "full" and t.recompute_method:
+        issues.append(f"training.recompute_method only applies to full recompute "
+                      f"(recompute_granularity={t.recompute_granularity!r}): unset it")
+    if t.recompute_granularity == "none" and t.recompute_num_layers is not None:
+        issues.append("training.recompute_num_layers applies to full or selective recompute "
+                      "(recompute_granularity='none'): unset it or choose a granularity")
+    if t.recompute_num_layers is not None and t.recompute_num_layers < 0:
+        issues.append(f"training.recompute_num_layers={t.recompute_num_layers}: must be >= 0")
 
 
 def _check_schedule(cfg, world_size, has_cuda, issues):

@@ -185,7 +185,10 @@ class TrainingConfig:
     recompute_method: Optional[Literal["uniform", "block"]] = None
     """With full recompute: ``uniform`` chunks of recompute_num_layers, ``block`` the first N layers."""
     recompute_num_layers: Optional[int] = None
-    """With full recompute: layers per chunk (uniform) or layers recomputed per stage (block)."""
+    """With full recompute: layers per chunk (uniform) or layers recomputed per stage (block).
+    With selective recompute: only the first N layers of each stage (each model chunk under
+    interleaving) recompute ``recompute_modules``; the others keep their activations (long packs:
+    spend the memory left over on less recompute). None = every layer."""
     seed: int = 1234
     """Seed of weight initialisation and dropout."""
     eval_interval_steps: int = 0

@@ -240,6 +240,18 @@ def _gpt_model(model_cfg, config, backend, pre_process, post_process, vp_stage, 
     return model
 
 
+def limit_selective_recompute(model: GPTModel, num_layers: int) -> None:
+    """Selective recompute in the first ``num_layers`` layers of ``model`` (one chunk) only: the
+    others keep every activation. Megatron sets its per-layer recompute switches from the config
+    when it builds a layer and reads them in forward; this turns them off past the first
+    ``num_layers`` (Megatron's own ``recompute_num_layers`` applies to full recompute only)."""
+    for layer in list(model.decoder.layers)[num_layers:]:
+        layer.recompute_input_layernorm = False
+        layer.recompute_pre_mlp_layernorm = False
+        layer.recompute_mlp = False
+        layer.self_attention.checkpoint_core_attention = False
+
+
 def build_model_chunks(
     model_cfg: ModelConfig,
     parallel_cfg: ParallelConfig,

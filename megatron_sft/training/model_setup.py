@@ -38,6 +38,9 @@ def build_model(cfg: SFTConfig) -> List[torch.nn.Module]:
     # Layer-seeded init: the same initial weights in every parallel layout (CPU initialisation).
     chunks = model_build.build_model_chunks(cfg.model, cfg.parallel, backend=backend,
                                             transformer_config=transformer_config, init_seed=t.seed)
+    if t.recompute_granularity == "selective" and t.recompute_num_layers is not None:
+        for chunk in chunks:
+            model_build.limit_selective_recompute(chunk, t.recompute_num_layers)
     if t.bf16:
         chunks = [Float16Module(transformer_config, chunk) for chunk in chunks]
     ddp_config = DistributedDataParallelConfig(

@@ -32,9 +32,12 @@ def losses(records):
      "--training.recompute_num_layers=1"],
     ["--training.recompute_granularity=selective"],
     ["--training.recompute_granularity=selective", "--training.recompute_modules=[mlp]"],
+    ["--training.recompute_granularity=selective", "--training.recompute_modules=[mlp]",
+     "--training.recompute_num_layers=1"],  # the first layer of the stage only
     ["--training.lm_head=full"],  # the reference runs the default: supervised positions only, chunked
     ["--training.lm_head_chunk_tokens=5"],
-], ids=["workers", "full_recompute", "selective_recompute", "mlp_recompute", "full_lm_head", "small_lm_head_chunks"])
+], ids=["workers", "full_recompute", "selective_recompute", "mlp_recompute", "mlp_recompute_first_layer",
+        "full_lm_head", "small_lm_head_chunks"])
 def test_option_keeps_the_numbers(setup, option):
     root, config, _, _, reference = setup
     name = "_".join(o.split(".")[-1] for o in option).translate(str.maketrans("=[],", "____"))
