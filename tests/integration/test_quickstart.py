@@ -40,6 +40,18 @@ def test_quickstart_trains_evaluates_and_saves(tmp_path):
     _check_output(proc, out)
 
 
+def test_quickstart_runs_shorter_than_the_recipe_warmup(tmp_path):
+    """The recipe warms up 20 steps; --train-steps 8 used to stop at the config check (warmup
+    longer than the decay)."""
+    out = tmp_path / "short"
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()))
+    proc = subprocess.run([sys.executable, "examples/quickstart.py", "--output-dir", str(out), "--train-steps", "8"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "checkpoints" / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in records if "loss" in r) == 8
+
+
 def _check_output(proc: subprocess.CompletedProcess, out) -> None:
     summary = proc.stdout[proc.stdout.index("\nproduced:"):]
     for expected in (f"packed data  {out / 'data' / 'train'}", f"checkpoint   {out / 'checkpoints' / 'iter_0000060'}",
