@@ -29,8 +29,8 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from megatron_sft.checkpoint_files import checkpoint_path, checksum, verify, write_manifest
 from megatron_sft.atomic import publish_dir, staging_dir
+from megatron_sft.checkpoint_files import checkpoint_path, checksum, verify, write_manifest
 from megatron_sft.config import ConfigError, ModelConfig, build_section, model_split_problems
 from megatron_sft.conversion import dist_io, hf_io
 from megatron_sft.hub import HubError, resolve_hf_dir

@@ -38,10 +38,10 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from megatron_sft.atomic import INCOMPLETE_SUFFIX, REPLACED_SUFFIX, publish_dir, staging_dir, write_text_atomic
-from megatron_sft.errors import InputError
 from megatron_sft.checkpoint_files import (ITER_RE, LATEST_FILE, MANIFEST, CheckpointError, checksum, from_rank0,
                                           gather_all, global_rank, iteration_dir, iterations, latest_iteration,
                                           own_shard_files, read_manifest, shared_files, verify, write_manifest)
+from megatron_sft.errors import InputError
 from megatron_sft.training import checkpoint_guard as guard
 
 logger = logging.getLogger("megatron_sft")

@@ -23,10 +23,10 @@ import megatron_sft.mcore  # noqa: F401  (must precede megatron.core imports)
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_sft.checkpoint_files import CheckpointError, checkpoint_path
 from megatron_sft.config import SFTConfig, as_list, config_to_dict, config_to_yaml
 from megatron_sft.errors import InputError, SFTError
 from megatron_sft.model.lm_head import SupervisedTargets, supervised_head_loss
-from megatron_sft.checkpoint_files import CheckpointError, checkpoint_path
 from megatron_sft.training import checkpoint as ckpt
 from megatron_sft.training import checkpoint_guard as guard
 from megatron_sft.training import resume_compat as compat

@@ -23,8 +23,8 @@ from typing import Dict, List, Tuple
 
 import yaml
 
-from megatron_sft.config import RUN_CHOICE_MODEL_KEYS, SFTConfig, config_to_dict
 from megatron_sft.checkpoint_files import CheckpointError, gather_all, global_rank
+from megatron_sft.config import RUN_CHOICE_MODEL_KEYS, SFTConfig, config_to_dict
 from megatron_sft.training import checkpoint_guard as guard
 
 logger = logging.getLogger("megatron_sft")
