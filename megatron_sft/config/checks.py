@@ -177,6 +177,9 @@ def _check_devices(cfg, has_cuda, has_te, issues):
             issues.append(f"training.fp8={t.fp8!r} needs a GPU, the te attention backend and training.bf16=true "
                           f"(here: {'GPU' if has_cuda else 'no GPU'}, attention_backend={backend!r}, bf16={t.bf16}): "
                           "unset training.fp8 or train on a Hopper-class GPU with --training.bf16=true")
+    if t.activation_kernel == "te" and resolved != "te":
+        issues.append(f"training.activation_kernel='te' needs the te attention backend (model.attention_backend="
+                      f"{backend!r} resolves to {resolved!r} here): set --training.activation_kernel=auto")
     if t.lm_head_chunk_tokens < 1:
         issues.append(f"training.lm_head_chunk_tokens={t.lm_head_chunk_tokens}: must be >= 1")
     if t.recompute_granularity == "full" and (t.recompute_method is None or t.recompute_num_layers is None):

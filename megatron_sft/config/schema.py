@@ -172,6 +172,10 @@ class TrainingConfig:
     fused cross-entropy (lm_head=full; with lm_head=supervised its chunk arithmetic compiled by
     torch.compile) and, with the te backend, the weight gradient accumulated straight into the fp32
     main grad (gradient_accumulation_fusion). No effect on CPU."""
+    activation_kernel: Literal["auto", "megatron", "te"] = "auto"
+    """With fused_kernels on GPU: the SwiGLU kernel. ``megatron`` Megatron's fused function
+    (bias_activation_fusion); ``te`` Transformer Engine's ``ops.SwiGLU`` (use_te_activation_func,
+    te backend only); ``auto`` Megatron's. Same values either way."""
     fp8: Optional[Literal["tensorwise", "delayed", "blockwise", "mxfp8"]] = None
     """FP8 matmuls in the transformer layers (Transformer Engine, te backend, Hopper or newer) with
     this scaling recipe (Megatron's fp8_recipe; format hybrid: e4m3 forward, e5m2 gradients).

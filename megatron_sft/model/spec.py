@@ -61,12 +61,16 @@ class RMSNorm(torch.nn.Module):
         return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps).to(x.dtype)
 
 
-def get_layer_spec(model_cfg: ModelConfig, backend: str) -> ModuleSpec:
-    """Transformer-layer ``ModuleSpec`` for a resolved backend (``te`` | ``torch``)."""
+def get_layer_spec(model_cfg: ModelConfig, backend: str, te_activation: bool = False) -> ModuleSpec:
+    """Transformer-layer ``ModuleSpec`` for a resolved backend (``te`` | ``torch``);
+    ``te_activation``: TE's activation op in the MLP (te only; Megatron's ``use_te_activation_func``)."""
     if backend == "te":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model_cfg.qk_layernorm)
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model_cfg.qk_layernorm,
+                                                          use_te_activation_func=te_activation)
+    if te_activation:
+        raise ValueError("te_activation needs the te backend")
     if backend != "torch":
         raise ValueError(f"backend must be resolved to te or torch first, got {backend!r}")
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -86,7 +90,7 @@ def get_block_spec(model_cfg: ModelConfig, backend: str, config, vp_stage=None):
     """What GPTModel takes as ``transformer_layer_spec``: the layer spec for ``te`` (Megatron adds
     TE's final norm), a block spec with our ``RMSNorm`` as final norm for ``torch`` (Megatron's
     default there is the stock torch norm, which refuses sequence parallel)."""
-    layer = get_layer_spec(model_cfg, backend)
+    layer = get_layer_spec(model_cfg, backend, te_activation=getattr(config, "use_te_activation_func", False))
     if backend == "te":
         return layer
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)

@@ -14,7 +14,7 @@ import math
 import os
 import signal
 import time
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -37,8 +37,8 @@ from megatron_sft.training.inputs import (BatchBuilder, check_tokenizers, descri
 from megatron_sft.training.loss import LossReport, make_loss_func, report_width, summarize
 from megatron_sft.training.metrics import MetricsWriter, memory_gib
 from megatron_sft.training.model_setup import build_model, load_model_state, model_sharded_state_dict
-from megatron_sft.training.optimizer import (adopt_learning_rates, build_optimizer, build_scheduler, optimizer_step,
-                                           prepare_for_loading)
+from megatron_sft.training.optimizer import (adopt_learning_rates, build_optimizer, build_scheduler,
+                                           finish_optimizer_step, prepare_for_loading, start_optimizer_step)
 from megatron_sft.training.sampler import SampleStream
 
 logger = logging.getLogger("megatron_sft")
@@ -125,9 +125,17 @@ class Trainer:
             first = self.train_sets[0][0]
             logger.info("first training pack, supervised targets in «»:\n%s",
                         describe_pack(first, self.data_meta.get("tokenizer")))
+        micro_batches = None
         while self.step < t.train_steps:
-            start = time.perf_counter()  # the step time includes building its micro-batches
-            record = self.train_step(next(batches), names, start)
+            # The step time includes building micro-batches: the first step's its own, later ones
+            # the next step's, built while the GPU still runs this step's backward.
+            start = time.perf_counter()
+            ahead = []
+            if micro_batches is None:
+                micro_batches = next(batches)
+            record = self.train_step(micro_batches, names, start,
+                                     prefetch=lambda: ahead.append(next(batches)))
+            micro_batches = ahead[0] if ahead else None
             if self.step % cfg.logging.log_interval == 0 or self.step == t.train_steps:
                 self.metrics.write(record)
             if t.eval_interval_steps and self.step % t.eval_interval_steps == 0 and self.step < t.train_steps:
@@ -145,13 +153,21 @@ class Trainer:
             self.save()
         return "done"
 
-    def train_step(self, micro_batches, names: List[str], start: Optional[float] = None) -> dict:
-        """One optimizer step over this rank's ``micro_batches``; returns the metrics record."""
+    def train_step(self, micro_batches, names: List[str], start: Optional[float] = None,
+                   prefetch: Optional[Callable[[], None]] = None) -> dict:
+        """One optimizer step over this rank's ``micro_batches``; returns the metrics record.
+
+        The host runs ahead of the GPU: once the backward pass is queued, the gradient norm's
+        reduction is queued behind it and ``prefetch`` (the next step's batch) runs before the
+        first wait for the GPU (the loss sums), so that neither leaves the GPU idle."""
         start = time.perf_counter() if start is None else start
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         reports = self._forward_backward(micro_batches, len(names), forward_only=False)
+        pending = start_optimizer_step(self.optimizer)
+        if prefetch is not None:
+            prefetch()
         report, stats = self._global_sums(reports, micro_batches, len(names))
         self._stop_agreed = stats["stop_requested"]
         loss = summarize(report, names)
@@ -160,7 +176,7 @@ class Trainer:
         self.scheduler.step(1)
         lr = self.optimizer.param_groups[0]["lr"]
         if math.isfinite(loss.loss):
-            applied, norm = optimizer_step(self.optimizer, self.cfg.training.clip_grad)
+            applied, norm = finish_optimizer_step(self.optimizer, pending, self.cfg.training.clip_grad)
         if not applied:
             self.scheduler.step(-1)
         self.stream.consumed_samples += self.cfg.training.global_batch_size

@@ -59,7 +59,8 @@ def speed_overrides(cfg: SFTConfig, backend: str) -> dict:
     """TransformerConfig fields for ``training.fused_kernels`` and ``training.fp8`` (GPU only).
 
     Fused RoPE and the fused wgrad accumulation are Transformer Engine kernels, so they need the
-    te backend; fused SwiGLU and cross-entropy are Megatron's own (torch.jit / Triton-free).
+    te backend; fused SwiGLU and cross-entropy are Megatron's own (torch.jit / Triton-free), or
+    TE's SwiGLU with ``training.activation_kernel: te``.
     ``cross_entropy_loss_fusion`` also selects the compiled chunk kernels of the supervised head
     (``model.lm_head.chunk_kernels``)."""
     t, out = cfg.training, {}
@@ -69,6 +70,8 @@ def speed_overrides(cfg: SFTConfig, backend: str) -> dict:
         out.update(bias_activation_fusion=True, cross_entropy_loss_fusion=True)
         if backend == "te":
             out.update(apply_rope_fusion=True, gradient_accumulation_fusion=True)
+            if t.activation_kernel == "te":
+                out.update(bias_activation_fusion=False, use_te_activation_func=True)
     if t.fp8:
         out.update(fp8="hybrid", fp8_recipe=t.fp8)
     return out

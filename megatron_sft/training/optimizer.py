@@ -1,7 +1,8 @@
 """Optimizer and learning-rate schedule (megatron.core.optimizer), and one optimizer step.
 
-``optimizer_step`` does what ``MegatronOptimizer.step`` does, in the same order, with two
-differences: a NaN/inf gradient norm skips the update instead of applying it, and clipping is done
+``start_optimizer_step`` + ``finish_optimizer_step`` do what ``MegatronOptimizer.step`` does, in
+the same order, in two halves (the trainer queues the norm behind the backward pass and reads it
+later), with two differences: a NaN/inf gradient norm skips the update instead of applying it, and clipping is done
 here (``torch._foreach_mul_``) so it runs on any device; Megatron's own clipping asserts CUDA
 tensors. The norm covers Megatron's set of gradients, those of ``get_grads_for_grad_norm`` (tensor
 parallel duplicates and shared weights counted once), summed over the model-parallel group, but is
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import List
+from typing import List, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -131,9 +132,10 @@ def _compiled_square_sum():
     return torch.compile(_square_sum, dynamic=True, fullgraph=True)
 
 
-def grad_norm(optimizer) -> float:
-    """Global L2 norm of the main gradients (call after ``prepare_grads``): the one definition
-    used for logging and clipping (``sum_of_squares`` per rank, all-reduced in float64)."""
+def squared_grad_norm(optimizer) -> torch.Tensor:
+    """The squared global L2 norm of the main gradients (call after ``prepare_grads``), a float64
+    tensor on the gradients' device: ``sum_of_squares`` per rank, all-reduced. Queued on the
+    device, no host sync: the trainer launches it behind the backward pass and reads it later."""
     inner = _inner_optimizers(optimizer)
     grads = [g for opt in inner for g in opt.get_grads_for_grad_norm()]
     device = grads[0].device if grads else torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -141,7 +143,7 @@ def grad_norm(optimizer) -> float:
     if dist.is_initialized():
         group = inner[0].get_grad_stats_parallel_group()
         dist.all_reduce(total, group=group)
-    return float(total.sqrt().item())
+    return total
 
 
 def _main_grads(optimizer) -> List[torch.Tensor]:
@@ -154,15 +156,32 @@ def _main_grads(optimizer) -> List[torch.Tensor]:
     return grads
 
 
-def optimizer_step(optimizer, clip_grad: float) -> tuple[bool, float]:
-    """Unscale/copy grads, measure the norm, clip to ``clip_grad`` (0 = never), update.
+class PendingStep(NamedTuple):
+    """``start_optimizer_step``'s result: whether ``prepare_grads`` found an inf/NaN (loss
+    scaling only) and, if not, the squared gradient norm still on the device."""
+
+    found_inf: bool
+    squared_norm: Optional[torch.Tensor]
+
+
+def start_optimizer_step(optimizer) -> PendingStep:
+    """The first half of an optimizer step: unscale/copy the gradients and queue the norm's
+    reduction (and its all-reduce) without waiting for it. Called right after the backward pass,
+    so that the GPU runs the reduction while the host does other work (the loss sums, the next
+    batch)."""
+    if optimizer.prepare_grads():
+        return PendingStep(True, None)
+    return PendingStep(False, squared_grad_norm(optimizer))
+
+
+def finish_optimizer_step(optimizer, pending: PendingStep, clip_grad: float) -> tuple[bool, float]:
+    """The second half: read the norm, clip to ``clip_grad`` (0 = never), update.
 
     Returns ``(applied, grad_norm)``; ``applied`` is False (nothing changed) when the norm is not
     finite or a loss scaler found an overflow."""
-    found_inf = optimizer.prepare_grads()
-    if found_inf:
+    if pending.found_inf:
         return False, float("nan")
-    norm = grad_norm(optimizer)
+    norm = float(pending.squared_norm.sqrt().item())
     if not math.isfinite(norm):
         return False, norm
     if clip_grad > 0 and norm > clip_grad:

@@ -73,3 +73,18 @@ def test_eval_only_te_vs_torch(setup):
     ref = _eval(config, load, "--model.attention_backend=torch")
     assert te[1] == ref[1] > 0
     assert te[0] == pytest.approx(ref[0], rel=1e-2)
+
+
+@needs_te
+def test_te_swiglu_trains_like_megatrons(setup):
+    """``training.activation_kernel: te`` (TE's SwiGLU op) against Megatron's fused SwiGLU: the
+    same function, so the same losses to bf16 noise."""
+    root, config = setup
+    records = {}
+    for kernel in ("megatron", "te"):
+        run(config, "--model.attention_backend=te", f"--training.activation_kernel={kernel}",
+            f"--checkpoint.pretrained={root / 'init'}", f"--logging.dir={root / ('swiglu_' + kernel)}")
+        records[kernel] = train_records(root / ("swiglu_" + kernel))
+    for a, b in zip(records["te"], records["megatron"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=5e-3), (a, b)
+    assert len(records["te"]) == len(records["megatron"]) == 8

@@ -195,6 +195,14 @@ def test_fp8_needs_gpu_te_and_bf16(tmp_path):
     assert "training.fp8" in " ".join(issues_of(tmp_path, ["--training.fp8=e5m2"]))  # not a recipe
 
 
+def test_te_activation_kernel_needs_the_te_backend(tmp_path):
+    issues = issues_of(tmp_path, ["--training.activation_kernel=te"])  # no GPU: torch backend
+    assert any("training.activation_kernel='te' needs the te attention backend" in i for i in issues), issues
+    cfg = load_config(write(tmp_path), ["--training.activation_kernel=te"], has_cuda=True, has_te=True)
+    assert cfg.training.activation_kernel == "te"
+    assert load_config(write(tmp_path)).training.activation_kernel == "auto"
+
+
 def test_lm_head_options(tmp_path):
     cfg = load_config(write(tmp_path))
     assert cfg.training.lm_head == "supervised" and cfg.training.lm_head_chunk_tokens == 4096

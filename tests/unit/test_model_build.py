@@ -131,3 +131,26 @@ def test_setup_model_parallel_rejects_a_layout_the_world_cannot_hold():
             setup_model_parallel(ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2))
     finally:
         dist.destroy_process_group()
+
+
+def test_speed_overrides_pick_the_swiglu_kernel(monkeypatch, tmp_path):
+    """On GPU, fused kernels use Megatron's SwiGLU unless ``training.activation_kernel: te`` asks
+    for TE's op (then Megatron's fusion is off: the two may not both be set). No effect on CPU."""
+    from megatron_sft.config import load_config
+    from megatron_sft.training.model_setup import speed_overrides
+
+    from tests.unit.test_config import write
+
+    cfg = load_config(write(tmp_path), ["--training.activation_kernel=te"], has_cuda=True, has_te=True)
+    assert speed_overrides(cfg, "te") == {}  # this machine has no CUDA
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    fields = speed_overrides(cfg, "te")
+    assert fields["use_te_activation_func"] and not fields["bias_activation_fusion"]
+    cfg.training.activation_kernel = "auto"
+    fields = speed_overrides(cfg, "te")
+    assert fields["bias_activation_fusion"] and "use_te_activation_func" not in fields
+
+
+def test_te_activation_spec_needs_the_te_backend():
+    with pytest.raises(ValueError, match="te_activation needs the te backend"):
+        get_layer_spec(MODEL, "torch", te_activation=True)
